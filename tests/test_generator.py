@@ -1,0 +1,208 @@
+"Behaviour of the DiT generator (drifting_nb.generator) that the training system and users rely on."
+import pytest
+import torch
+import torch.nn as nn
+
+from drifting_nb.generator import (DiT, DiTBlock, GENERATOR_PRESETS, apply_rope, build_generator, count_params,
+                                   generate, rope_2d, swiglu_hidden)
+
+
+def small(**kw):
+    "The training system's small-data generator: S/2 resized for 8x8x1 inputs with 10 classes (2 blocks for speed)."
+    return build_generator("S/2", input_size=8, in_channels=1, num_classes=10, depth=2, **kw)
+
+
+def perturbed(model, std=0.02, seed=0):
+    "Stand-in for training: move every parameter (including the zero-initialised ones) a little."
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters(): p.add_(std * torch.randn(p.shape, generator=g))
+    return model
+
+
+def inputs(model, n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (model.sample_noise(n, g), torch.randint(0, model.num_classes, (n,), generator=g),
+            1 + 3 * torch.rand(n, generator=g), model.sample_style(n, g))
+
+
+@pytest.mark.parametrize("name", ["B/2", "L/2", "B/16", "L/16"])
+def test_paper_presets_shapes_and_sizes(name):
+    paper = {"B/2": 133e6, "L/2": 463e6, "B/16": 134e6, "L/16": 464e6}[name]
+    with torch.device("meta"):
+        m = build_generator(name)
+        eps = m.sample_noise(2)
+        x = m(eps, torch.zeros(2, dtype=torch.long), 1.0, m.sample_style(2))
+    latent = name.endswith("/2")
+    assert tuple(x.shape) == ((2, 4, 32, 32) if latent else (2, 3, 256, 256)) == tuple(eps.shape)
+    assert m.grid ** 2 == 256 and m.num_incontext_tokens == 16 and m.num_style_tokens == 32
+    assert abs(count_params(name) / paper - 1) < 0.05
+
+
+def test_meta_count_matches_real_model():
+    for name in ("T/2", "digits"):
+        assert count_params(name) == sum(p.numel() for p in build_generator(name).parameters())
+    assert count_params("S/2", input_size=8, in_channels=1, num_classes=10, depth=2) == \
+        sum(p.numel() for p in small().parameters())
+
+
+def test_swiglu_has_the_weights_of_a_ratio_4_mlp():
+    assert swiglu_hidden(768) == 2048
+    for d in (768, 1024): assert abs(3 * d * swiglu_hidden(d) / (2 * d * 4 * d) - 1) < 1e-3
+
+
+@pytest.mark.parametrize("name,overrides,shape", [("T/2", {}, (2, 4, 32, 32)), ("digits", {}, (2, 1, 8, 8)),
+                                                  ("S/2", dict(input_size=8, in_channels=1, num_classes=10, depth=2), (2, 1, 8, 8)),
+                                                  ("T/2", dict(input_size=16, in_channels=3, patch_size=4, depth=1), (2, 3, 16, 16))])
+def test_small_presets_generate_their_shape(name, overrides, shape):
+    m = build_generator(name, **overrides)
+    with torch.no_grad(): x = generate(m, torch.tensor([0, 1]), 1.5)
+    assert tuple(x.shape) == shape and x.dtype == torch.float32
+
+
+def test_fresh_block_is_identity():
+    blk = DiTBlock(64, 4, swiglu_hidden(64))
+    model = small()                                   # initialize_weights zeroes the adaLN layers of the model's blocks
+    for b in model.blocks:
+        x, c = torch.randn(3, 16 + 16, 384), torch.randn(3, 384)
+        with torch.no_grad(): assert torch.equal(b(x, c, (model.rope_cos, model.rope_sin)), x)
+    nn.init.normal_(blk.adaLN_modulation[-1].weight, std=0.02)   # once the modulation moves, the block acts
+    x, c = torch.randn(2, 8, 64), torch.randn(2, 64)
+    with torch.no_grad(): assert not torch.allclose(blk(x, c, rope_2d(16, 2, 4)), x)
+
+
+def test_output_is_zero_at_init_and_deterministic():
+    m = small()
+    eps, lab, alpha, st = inputs(m)
+    with torch.no_grad(): assert m(eps, lab, alpha, st).abs().max() == 0
+    perturbed(m)
+    with torch.no_grad():
+        assert torch.equal(m(eps, lab, alpha, st), m(eps, lab, alpha, st))
+        a = generate(m, lab, alpha, generator=torch.Generator().manual_seed(5))
+        b = generate(m, lab, alpha, generator=torch.Generator().manual_seed(5))
+        assert torch.equal(a, b)
+        assert torch.equal(generate(m, lab, alpha, noise=eps, style_idx=st), m(eps, lab, alpha, st))
+
+
+def test_alpha_class_style_and_noise_change_the_output():
+    m = perturbed(small())
+    eps, lab, alpha, st = inputs(m)
+    with torch.no_grad():
+        ref = m(eps, lab, alpha, st)
+        for other in [m(eps, lab, alpha + 1.0, st), m(eps, lab, 2.5, st), m(eps, (lab + 1) % 10, alpha, st),
+                      m(eps, lab, alpha, (st + 1) % 64), m(torch.randn_like(eps), lab, alpha, st)]:
+            assert (other - ref).abs().amax(dim=(1, 2, 3)).min() > 1e-5   # every sample changes
+
+
+def test_samples_are_independent_of_batch_mates():
+    m = perturbed(small())
+    eps, lab, alpha, st = inputs(m, n=4)
+    with torch.no_grad():
+        torch.testing.assert_close(m(eps, lab, alpha, st)[:2], m(eps[:2], lab[:2], alpha[:2], st[:2]), atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_reaches_every_parameter():
+    m = perturbed(small())
+    eps, lab, alpha, st = inputs(m, n=8)
+    m(eps, lab, alpha, st).pow(2).mean().backward()
+    silent = [n for n, p in m.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not silent, f"no gradient reaches {silent}"
+
+
+def test_training_from_init_reaches_every_parameter():
+    "From the zero-initialised state, a few optimiser steps open the gradient path to every parameter."
+    m = small()
+    eps, lab, alpha, st = inputs(m, n=8)
+    target = torch.randn_like(eps)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    reached = set()
+    for step in range(3):
+        opt.zero_grad()
+        (m(eps, lab, alpha, st) - target).pow(2).mean().backward()
+        if step == 0: assert {n for n, p in m.named_parameters() if p.grad.abs().sum() > 0} == \
+            {"final_layer.linear.weight", "final_layer.linear.bias"}
+        reached |= {n for n, p in m.named_parameters() if p.grad.abs().sum() > 0}
+        opt.step()
+    assert reached == {n for n, _ in m.named_parameters()}
+
+
+def test_bf16_autocast():
+    m = perturbed(small())
+    eps, lab, alpha, st = inputs(m)
+    with torch.no_grad(): ref = m(eps, lab, alpha, st)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = m(eps, lab, alpha, st)
+    assert x.dtype == torch.bfloat16
+    torch.testing.assert_close(x.float(), ref, atol=0.05 * ref.abs().max().item(), rtol=0)
+    x.float().pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+def test_attention_runs_in_fp32_under_autocast():
+    m = perturbed(small())
+    seen = []
+    hook = torch.nn.functional.scaled_dot_product_attention
+    def spy(q, k, v, *a, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype)); return hook(q, k, v, *a, **kw)
+    eps, lab, alpha, st = inputs(m)
+    torch.nn.functional.scaled_dot_product_attention = spy
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad(): m(eps, lab, alpha, st)
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = hook
+    assert len(seen) == len(m.blocks) and all(d == (torch.float32,) * 3 for d in seen)
+
+
+def test_torch_compile_traces_one_graph():
+    m = perturbed(small())
+    eps, lab, alpha, st = inputs(m)
+    cm = torch.compile(m, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        ref = m(eps, lab, alpha, st)
+        torch.testing.assert_close(cm(eps, lab, alpha, st), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(generate(cm, lab, alpha, noise=eps, style_idx=st), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_checkpoint_roundtrip_rebuilds_the_same_generator():
+    m = perturbed(small(num_style_tokens=8, style_codebook_size=16))
+    m2 = DiT(**m.config)
+    m2.load_state_dict(m.state_dict())
+    eps, lab, alpha, st = inputs(m)
+    with torch.no_grad(): assert torch.equal(m(eps, lab, alpha, st), m2(eps, lab, alpha, st))
+
+
+def test_ablation_switches():
+    m = perturbed(small(num_incontext_tokens=0, num_style_tokens=0))
+    assert m.sample_style(3) is None
+    with torch.no_grad(): x = generate(m, torch.tensor([1, 2, 3]), 1.0)
+    assert x.shape == (3, 1, 8, 8)
+    assert not any("style" in n or "incontext" in n for n, _ in m.named_parameters())
+
+
+def test_rope_depends_on_offsets_and_skips_in_context_tokens():
+    cos, sin = rope_2d(32, 8, n_prefix=3)
+    q, k = torch.randn(32), torch.randn(32)
+    Q, K = apply_rope(q.expand(67, 32), cos, sin), apply_rope(k.expand(67, 32), cos, sin)
+    assert torch.equal(Q[:3], q.expand(3, 32))
+    at = lambda r, c: 3 + 8 * r + c
+    torch.testing.assert_close(Q[at(1, 2)] @ K[at(4, 3)], Q[at(3, 5)] @ K[at(6, 6)])
+    assert not torch.allclose(Q[at(1, 2)] @ K[at(4, 3)], Q[at(1, 2)] @ K[at(3, 4)])
+
+
+def test_bad_inputs_name_the_problem():
+    m = small()
+    eps, lab, alpha, st = inputs(m)
+    cases = [((torch.randn(4, 3, 8, 8), lab, alpha, st), "noise must be"),
+             ((eps, lab.float(), alpha, st), "labels must be an integer"),
+             ((eps, lab + 10, alpha, st), "labels must lie in"),
+             ((eps, lab, torch.ones(3), st), "alpha must be"),
+             ((eps, lab, alpha, None), "style_idx [N, 32] is required"),
+             ((eps, lab, alpha, st[:, :5]), "style_idx must be an integer tensor"),
+             ((eps, lab, alpha, st - 64), "style_idx must lie in")]
+    for args, msg in cases:
+        with pytest.raises(ValueError, match=msg.replace("[", r"\[")): m(*args)
+    with pytest.raises(ValueError, match="unknown generator preset"): build_generator("XL/2")
+    with pytest.raises(ValueError, match="unknown generator option"): build_generator("T/2", width=3)
+    with pytest.raises(ValueError, match="multiple of patch_size"): build_generator("T/2", input_size=9)
+    with pytest.raises(ValueError, match="divisible by num_heads"): build_generator("T/2", num_heads=5)
+    assert set(GENERATOR_PRESETS) >= {"B/2", "L/2", "B/16", "L/16", "S/2", "T/2", "digits"}
