@@ -1,0 +1,251 @@
+"""Sampling CLI, the evaluation path (torch-fidelity, stand-in extractor, alpha sweep) and the digits scorer."""
+import json, subprocess, sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+
+import drifting_nb.sample as sample_mod
+import drifting_nb.evaluate as ev
+from drifting_nb.data import digits_split
+
+
+class TinyExtractor(FeatureExtractorBase):
+    "Stand-in for Inception: a fixed random conv net on uint8 [B,3,H,W] -> 'feat' [B,16], 'logits' [B,10]."
+    def __init__(self, name, features_list, **kwargs):
+        super().__init__(name, features_list)
+        g = torch.Generator().manual_seed(0)
+        self.w1 = torch.randn(16, 3, 3, 3, generator=g) / 5
+        self.w2 = torch.randn(10, 16, generator=g) / 4
+
+    @staticmethod
+    def get_provided_features_list(): return ("feat", "logits")
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric): return {"isc": "logits"}.get(metric, "feat")
+    @staticmethod
+    def can_be_compiled(): return False
+
+    def forward(self, x):
+        assert x.dtype == torch.uint8 and x.shape[1] == 3
+        f = F.conv2d(x.float() / 127.5 - 1, self.w1, padding=1).relu().mean((2, 3))
+        out = {"feat": f, "logits": f @ self.w2.T}
+        return tuple(out[k] for k in self.features_list)
+
+
+if "test-tiny" not in FEATURE_EXTRACTORS_REGISTRY:
+    register_feature_extractor("test-tiny", TinyExtractor)
+
+
+def to_u8(x):
+    "digits [n,1,8,8] in [-1,1] -> uint8 [n,8,8,1]"
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+class DigitsRun:
+    """Stand-in Run: real training digits of the requested class plus noise whose size grows with |alpha - best|,
+    so the best CFG scale is known."""
+    num_classes, config = 10, {"preset": "stand-in"}
+
+    def __init__(self, best=2.0):
+        s = digits_split()
+        self.by_class = [s.x_train[s.y_train == c] for c in range(10)]
+        self.best, self.calls = best, 0
+
+    def sample(self, labels, alpha, generator=None):
+        self.calls += 1
+        idx = [int(torch.randint(0, len(self.by_class[c]), (1,), generator=generator)) for c in labels.tolist()]
+        x = torch.stack([self.by_class[c][i] for c, i in zip(labels.tolist(), idx)])
+        x = x + 0.4 * abs(alpha - self.best) * torch.randn(x.shape, generator=generator)
+        return to_u8(x)
+
+
+@pytest.fixture
+def standin(monkeypatch, tmp_path):
+    run = DigitsRun()
+    (tmp_path / "run").mkdir()
+    monkeypatch.setattr(sample_mod, "load_run", lambda run_dir, ema=True, device="cpu": run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def split():
+    return digits_split()
+
+
+# ---------------------------------------------------------------- sampling
+
+def test_sample_cli_npz(standin, tmp_path):
+    out = tmp_path / "sub" / "s.npz"
+    sample_mod.main(["--run", str(tmp_path / "run"), "--num-samples", "23", "--batch-size", "10", "--alpha", "1.5",
+                     "--out", str(out)])
+    with np.load(out) as f:
+        assert f["samples"].dtype == np.uint8 and f["samples"].shape == (23, 8, 8, 1)
+        assert f["labels"].tolist() == [i % 10 for i in range(23)]      # balanced cycle over the classes
+    assert standin.calls == 3                                             # one network call per batch
+    assert not [p for p in out.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_sample_cli_labels_seed_and_png(standin, tmp_path):
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    for p in (a, b):
+        sample_mod.main(["--run", str(tmp_path / "run"), "--num-samples", "6", "--labels", "3", "7", "--seed", "5",
+                         "--out", str(p)])
+    with np.load(a) as fa, np.load(b) as fb:
+        assert fa["labels"].tolist() == [3, 7, 3, 7, 3, 7]
+        assert np.array_equal(fa["samples"], fb["samples"])             # same seed, same samples
+    png = tmp_path / "g.png"
+    sample_mod.main(["--run", str(tmp_path / "run"), "--num-samples", "20", "--out", str(png)])
+    img = Image.open(png)
+    assert img.size == (10 * 9 + 1, 2 * 9 + 1)                            # 10 columns (one per class), 2 rows, 1 px padding
+    assert img.mode == "RGB"
+
+
+def test_sample_bad_input(standin, tmp_path):
+    with pytest.raises(ValueError, match="outside this run's classes 0..9"):
+        sample_mod.main(["--run", str(tmp_path / "run"), "--num-samples", "4", "--labels", "10", "--out", str(tmp_path / "x.npz")])
+    with pytest.raises(SystemExit, match=r"\.npz or \.png"):
+        sample_mod.main(["--run", str(tmp_path / "run"), "--num-samples", "4", "--out", str(tmp_path / "x.jpg")])
+
+
+def test_load_run_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        sample_mod.load_run(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        sample_mod.load_run(tmp_path)
+
+
+def test_run_sample_contract():
+    class Bad:
+        num_classes = 3
+        def sample(self, labels, alpha, generator=None): return torch.zeros(len(labels), 4, 4, 3)   # float, not uint8
+    with pytest.raises(TypeError, match="must return uint8"):
+        sample_mod.generate(Bad(), sample_mod.balanced_labels(4, 3))
+
+
+# ---------------------------------------------------------------- evaluation
+
+def make_ref(tmp_path, split, extractor="test-tiny", images=True):
+    held = to_u8(split.x_test).numpy()
+    feats = ev.FidelityFeatures(extractor)
+    path = ev.save_ref_stats(tmp_path / f"ref-{extractor}.npz", ev.compute_ref_stats(held, feats), held if images else None)
+    return path, feats
+
+
+def test_evaluate_run_sweep_picks_best(split, tmp_path):
+    ref_path, feats = make_ref(tmp_path, split)
+    run = DigitsRun(best=2.0)
+    res = ev.evaluate_run(run, ev.load_ref_stats(ref_path), feats, alphas=(1.0, 2.0, 3.5), num_samples=400,
+                          sweep_num_samples=200, real_images=ev.load_images(ref_path), batch_size=100, log=lambda s: None)
+    assert [s["alpha"] for s in res["sweep"]] == [1.0, 2.0, 3.5]
+    assert all(s["num_samples"] == 200 and s["precision"] is None for s in res["sweep"])
+    assert res["best"]["alpha"] == 2.0 and res["best"]["num_samples"] == 400
+    fids = {s["alpha"]: s["fid"] for s in res["sweep"]}
+    assert fids[2.0] < fids[1.0] and fids[2.0] < fids[3.5]
+    b = res["best"]
+    assert 0 <= b["precision"] <= 1 and 0 <= b["recall"] <= 1 and b["isc_mean"] >= 1
+    json.dumps(res)                                                       # JSON-serialisable as is
+
+
+def test_evaluate_cli_end_to_end(standin, split, tmp_path):
+    held = to_u8(split.x_test).numpy()
+    np.savez(tmp_path / "held.npz", arr_0=held)
+    ref = tmp_path / "ref.npz"
+    ev.main(["--make-ref-stats", str(tmp_path / "held.npz"), "--out", str(ref), "--feature-extractor", "test-tiny"])
+    with np.load(ref) as f: assert set(f.files) == {"mu", "sigma"} and f["sigma"].shape == (16, 16)
+    out = tmp_path / "res.json"
+    with pytest.warns(UserWarning, match="precision/recall skipped"):
+        ev.main(["--run", str(tmp_path / "run"), "--ref-stats", str(ref), "--num-samples", "300", "--alpha", "1", "2", "3",
+                 "--sweep-num-samples", "0", "--feature-extractor", "test-tiny", "--device", "cpu", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["best"]["alpha"] == 2.0 and res["best"]["num_samples"] == 300 and res["best"]["precision"] is None
+    assert res["feature_extractor"] == "test-tiny" and res["layers"] == {"fid": "feat", "isc": "logits", "prc": "feat"}
+    # with reference images for precision/recall, one alpha (no sweep)
+    res = ev.main(["--run", str(tmp_path / "run"), "--ref-stats", str(ref), "--ref-images", str(tmp_path / "held.npz"),
+                   "--num-samples", "200", "--alpha", "2", "--feature-extractor", "test-tiny", "--device", "cpu"])
+    assert res["sweep"] == [] and res["best"]["precision"] > 0.5
+
+
+def test_feature_extractor_by_import_path():
+    feats = ev.FidelityFeatures("test_evaluate:TinyExtractor") if "test_evaluate" in sys.modules else None
+    if feats is None: pytest.skip("test module not importable by name")
+    assert feats.layers["fid"] == "feat"
+    assert feats(torch.zeros(2, 8, 8, 3, dtype=torch.uint8))["feat"].shape == (2, 16)
+
+
+def test_evaluate_bad_input(split, tmp_path):
+    ref_path, feats = make_ref(tmp_path, split)
+    np.savez(tmp_path / "nomu.npz", sigma=np.eye(3))
+    with pytest.raises(ValueError, match="has no mu"):
+        ev.load_ref_stats(tmp_path / "nomu.npz")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        ev.load_ref_stats(tmp_path / "missing.npz")
+    # reference statistics from another feature space: a clear error, not a numpy assertion
+    digits_ref, _ = make_ref(tmp_path, split, extractor="digits-classifier", images=False)
+    with pytest.raises(ValueError, match="different feature spaces"):
+        ev.evaluate_run(DigitsRun(), ev.load_ref_stats(digits_ref), feats, alphas=2.0, num_samples=50, log=lambda s: None)
+    with pytest.raises(ValueError, match="unknown feature extractor"):
+        ev.FidelityFeatures("inception-v9")
+    with pytest.raises(FileNotFoundError, match="weights"):
+        ev.FidelityFeatures("inception-v3-compat", weights_path=tmp_path / "no-weights.pth")
+    with pytest.raises(ValueError, match="uint8"):
+        ev.to_extractor_input(torch.zeros(2, 8, 8, 3))
+
+
+def test_fid_helpers_closed_form():
+    d = 8
+    fd = ev.frechet_distance({"mu": np.zeros(d), "sigma": np.eye(d)}, {"mu": np.full(d, 2.0), "sigma": 9 * np.eye(d)})
+    assert fd == pytest.approx(4 * d + d * (1 + 9 - 2 * 3))
+    assert ev.inception_score(30 * F.one_hot(torch.arange(100) % 4, 4).float(), splits=1)[0] == pytest.approx(4, rel=1e-4)
+
+
+def test_cli_modules_run():
+    for mod in ("drifting_nb.sample", "drifting_nb.evaluate"):
+        r = subprocess.run([sys.executable, "-m", mod, "--help"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and "--run" in r.stdout and "--out" in r.stdout, r.stderr
+
+
+# ---------------------------------------------------------------- digits scorer
+
+@pytest.fixture(scope="module")
+def halves(split):
+    "The held-out digits in two stratified halves: one is the scorer's reference, the other plays a perfect generator."
+    g = torch.Generator().manual_seed(0)
+    a, b = [], []
+    for c in range(10):
+        idx = torch.nonzero(split.y_test == c)[:, 0]
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        a.append(idx[: len(idx) // 2]); b.append(idx[len(idx) // 2:])
+    return torch.cat(a), torch.cat(b)
+
+
+def test_digits_scorer_real_and_noise(split, halves):
+    ref_idx, gen_idx = halves
+    rng_before = torch.get_rng_state()
+    threads = torch.get_num_threads()
+    scorer = ev.DigitsScorer(split.x_train, split.y_train, split.x_test[ref_idx], split.y_test[ref_idx], seed=0)
+    assert torch.equal(torch.get_rng_state(), rng_before)                 # the training loop's RNG is untouched
+    assert torch.get_num_threads() == threads
+    assert scorer.real_acc > 0.95
+    real = scorer.score(split.x_test[gen_idx], split.y_test[gen_idx])     # unseen real digits: a perfect generator
+    assert real["acc"] > 0.95
+    assert real["fd"] < 2.0 * real["fd_floor"]
+    g = torch.Generator().manual_seed(0)
+    noise = scorer.score(torch.rand(len(gen_idx), 1, 8, 8, generator=g) * 2 - 1, split.y_test[gen_idx])
+    assert noise["acc"] < 0.3 and noise["fd"] > 20 * noise["fd_floor"]
+    assert set(real) >= {"acc", "fd", "fd_floor", "real_acc"}
+
+
+def test_digits_scorer_inputs(split):
+    scorer = ev.DigitsScorer.default()
+    x, y = split.x_test[:50], split.y_test[:50]
+    assert scorer.score(x.view(50, 64), y)["acc"] == scorer.score(x, y)["acc"]    # [n,64] accepted too
+    with pytest.raises(ValueError, match=r"\[n,1,8,8\]"):
+        scorer.score(torch.zeros(5, 3, 8, 8), y[:5])
+    with pytest.raises(ValueError, match="NaN"):
+        scorer.score(torch.full((5, 1, 8, 8), float("nan")), y[:5])
+    with pytest.raises(ValueError, match="labels"):
+        scorer.score(x, y[:10])
