@@ -7,7 +7,7 @@ __all__ = ['make_fake_imagefolder', 'ADMCenterCrop', 'adm_transform', 'rrc_trans
            'SafeImageFolder', 'resolve_split', 'image_folder', 'SDVAE', 'tiny_vae', 'SampleQueue', 'fill_queue',
            'InfiniteLoader', 'DigitsSplit', 'digits_split', 'cifar10']
 
-# %% ../nbs/06_data.ipynb #3b229dde
+# %% ../nbs/06_data.ipynb #6fb5363a
 import os, warnings
 from pathlib import Path
 from typing import NamedTuple, Iterator
@@ -22,7 +22,7 @@ from torchvision.datasets.folder import make_dataset, IMG_EXTENSIONS
 from torchvision.transforms import v2, InterpolationMode
 import torchvision.transforms.v2.functional as TF
 
-# %% ../nbs/06_data.ipynb #596eb22f
+# %% ../nbs/06_data.ipynb #e974bfbd
 def make_fake_imagefolder(root, num_classes:int=3, per_class:int=4, size=(48, 40), ext:str="JPEG", seed:int=0) -> list[str]:
     "Write `num_classes` x `per_class` real image files to `root/<wnid>/<i>.<ext>`; returns the class names in label order."
     root, rng = Path(root), np.random.default_rng(seed)
@@ -37,7 +37,7 @@ def make_fake_imagefolder(root, num_classes:int=3, per_class:int=4, size=(48, 40
             Image.fromarray(pix.clip(0, 255).astype(np.uint8)).save(root/name/f"{name}_{i}.{ext}")
     return classes
 
-# %% ../nbs/06_data.ipynb #2efca16c
+# %% ../nbs/06_data.ipynb #5d52bd6c
 class ADMCenterCrop:
     "ADM centre crop of a PIL image to `size` x `size` (guided-diffusion's `center_crop_arr`)."
     def __init__(self, size:int): self.size = size
@@ -53,7 +53,7 @@ class ADMCenterCrop:
         return TF.crop(img, top, left, self.size, self.size)
     def __repr__(self): return f"ADMCenterCrop(size={self.size})"
 
-# %% ../nbs/06_data.ipynb #00212f35
+# %% ../nbs/06_data.ipynb #70ee81cf
 def _to_unit_range(): return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3), v2.ToPureTensor()]
 
 def adm_transform(size:int=256):
@@ -65,12 +65,12 @@ def rrc_transform(size:int=256, scale=(0.2, 1.0), hflip:bool=True):
     return v2.Compose([v2.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC),
                        *([v2.RandomHorizontalFlip()] if hflip else []), *_to_unit_range()])
 
-# %% ../nbs/06_data.ipynb #c5e7d731
+# %% ../nbs/06_data.ipynb #15b0f141
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     "Images [n,C,H,W] in [-1,1] -> uint8 [n,H,W,C] (clamped and rounded), for saving and scoring."
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
-# %% ../nbs/06_data.ipynb #ca01e0a7
+# %% ../nbs/06_data.ipynb #e662c929
 def read_class_list(classes) -> list[str]:
     "A class list: a sequence of folder names, or a text file with one name per line."
     if isinstance(classes, (str, Path)):
@@ -83,7 +83,7 @@ def read_class_list(classes) -> list[str]:
     if dup: raise ValueError(f"the class list repeats {dup[:5]}")
     return classes
 
-# %% ../nbs/06_data.ipynb #81dc2277
+# %% ../nbs/06_data.ipynb #740d42cd
 class SafeImageFolder(ImageFolder):
     "torchvision `ImageFolder` (`root/<class>/<image>`, labels = sorted class folders or `classes`) that skips unreadable images."
     def __init__(self, root, transform=None, classes=None, max_consecutive_failures:int=64):
@@ -132,7 +132,7 @@ class SafeImageFolder(ImageFolder):
         raise RuntimeError(f"{self.max_consecutive_failures} consecutive images could not be read, the last {path}: "
                            "the data folder looks damaged")
 
-# %% ../nbs/06_data.ipynb #16e4c3e9
+# %% ../nbs/06_data.ipynb #f8b28794
 def resolve_split(data_dir, split:str|None="train") -> Path:
     "`data_dir/split` if that folder exists, else `data_dir` (which must exist)."
     d = Path(data_dir).expanduser()
@@ -145,7 +145,7 @@ def image_folder(data_dir, size:int=256, split:str|None="train", augment:str="ce
     if augment not in tfms: raise ValueError(f"augment must be one of {list(tfms)}, got {augment!r}")
     return SafeImageFolder(resolve_split(data_dir, split), transform=tfms[augment](size), classes=classes)
 
-# %% ../nbs/06_data.ipynb #75041dc8
+# %% ../nbs/06_data.ipynb #78850066
 def _looks_local(name) -> bool:
     s = str(name)
     return isinstance(name, Path) or os.path.exists(s) or s.startswith(("/", ".", "~")) or s.count("/") > 1
@@ -194,7 +194,7 @@ class SDVAE(nn.Module):
 
     def save_pretrained(self, path): self.vae.save_pretrained(path)
 
-# %% ../nbs/06_data.ipynb #d49da75c
+# %% ../nbs/06_data.ipynb #b873bc48
 def tiny_vae(seed:int=0, channels=(8, 16, 16, 16)) -> SDVAE:
     "A small randomly initialised `AutoencoderKL` (same /8 downsampling and 4 latent channels as the SD-VAE), for tests."
     from diffusers import AutoencoderKL
@@ -204,7 +204,7 @@ def tiny_vae(seed:int=0, channels=(8, 16, 16, 16)) -> SDVAE:
                         layers_per_block=1, norm_num_groups=4, sample_size=32)
     return SDVAE(vae, name=f"tiny_vae(seed={seed})")
 
-# %% ../nbs/06_data.ipynb #22542592
+# %% ../nbs/06_data.ipynb #f8c8e549
 class SampleQueue:
     "Per-class FIFOs of real samples and one global FIFO for unconditional samples (SPEC 7, A.8)."
     def __init__(self, num_classes:int, sample_shape, per_class:int=128, global_size:int=1000,
@@ -292,7 +292,7 @@ class SampleQueue:
         for k in ("pos", "pushed", "unc", "unc_labels", "unc_pushed"): getattr(self, k).copy_(sd[k])
         self.generator.set_state(sd["generator"])
 
-# %% ../nbs/06_data.ipynb #de6ac136
+# %% ../nbs/06_data.ipynb #fdba55c0
 def fill_queue(queue:SampleQueue, batches:Iterator, n_pos:int, n_unc:int=0, max_batches:int|None=None) -> int:
     "Push `(x, y)` batches from `batches` until every class holds `n_pos` samples and the global FIFO `n_unc`."
     if n_pos > queue.per_class or n_unc > queue.global_size:
@@ -309,7 +309,7 @@ def fill_queue(queue:SampleQueue, batches:Iterator, n_pos:int, n_unc:int=0, max_
                            f"(global FIFO {queue.unc_count}/{n_unc}): the data may lack those classes")
     return used
 
-# %% ../nbs/06_data.ipynb #e83bf76f
+# %% ../nbs/06_data.ipynb #e36fe492
 class InfiniteLoader:
     "Endless `(x, y)` batches from `dataset`: a seeded permutation per epoch, resumable via `state_dict()`."
     def __init__(self, dataset:Dataset, batch_size:int, seed:int=0, shuffle:bool=True, rank:int=0, world_size:int=1,
@@ -351,7 +351,7 @@ class InfiniteLoader:
             if sd[k] != getattr(self, k): raise ValueError(f"loader state has {k}={sd[k]}, this loader has {getattr(self, k)}")
         self.epoch, self.batch, self._it = sd["epoch"], sd["batch"], None
 
-# %% ../nbs/06_data.ipynb #f807cb89
+# %% ../nbs/06_data.ipynb #fbed3c38
 class DigitsSplit(NamedTuple):
     "Digits as [n,1,8,8] tensors in [-1,1] with labels, and their indices in `load_digits()` order."
     x_train: torch.Tensor; y_train: torch.Tensor; x_test: torch.Tensor; y_test: torch.Tensor
@@ -371,7 +371,7 @@ def digits_split(held_out:float=0.2, seed:int=0) -> DigitsSplit:
     i_tr, i_te = train_test_split(np.arange(len(y)), test_size=held_out, stratify=d.target, random_state=seed)
     return DigitsSplit(x[i_tr], y[i_tr], x[i_te], y[i_te], i_tr, i_te)
 
-# %% ../nbs/06_data.ipynb #9e0d1acb
+# %% ../nbs/06_data.ipynb #266d1a64
 def cifar10(root, train:bool=True, download:bool=False, hflip:bool=False) -> CIFAR10:
     "torchvision CIFAR-10 from `root` (downloaded there when `download`), images as [3,32,32] in [-1,1]."
     tfm = v2.Compose([*([v2.RandomHorizontalFlip()] if hflip else []), *_to_unit_range()])
