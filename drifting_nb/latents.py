@@ -49,7 +49,7 @@ def process_state() -> PartialState:
     flag = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     return PartialState(cpu=flag or ("LOCAL_RANK" in os.environ and not torch.accelerator.is_available()))
 
-# %% ../nbs/06b_latents.ipynb #a286395e
+# %% ../nbs/06b_latents.ipynb #66c6c586
 def cache_latents(data, out, vae="stabilityai/sd-vae-ft-ema", image_size:int=256, batch_size:int=64,
                   shard_size:int=10_000, flip:bool=True, sample:bool=False, dtype:str="float16", classes=None,
                   split:str|None="train", num_workers:int=4, seed:int=0, vae_dtype:str="float32",
@@ -103,7 +103,7 @@ def cache_latents(data, out, vae="stabilityai/sd-vae-ft-ema", image_size:int=256
     bar.close()
     state.wait_for_everyone()
     secs = time.time() - t0
-    todo = sum(min(shard_size, n - k * shard_size) for k in pending)   # images encoded by all processes
+    todo = sum(stop - start for start, stop in (shard_bounds(k, shard_size, n) for k in pending))   # by all processes
     return dict(out=str(out), num_images=n, num_shards=meta["num_shards"], done_before=meta["num_shards"] - len(pending),
                 written=len(pending), unreadable_skipped=sum(gather_object([ds.num_skipped])), seconds=round(secs, 2),
                 images_per_s=round(todo / secs, 2))
