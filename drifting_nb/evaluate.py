@@ -140,12 +140,13 @@ def train_digits_classifier(x, y, seed: int = 0, steps: int = 400, batch_size: i
     _CLASSIFIERS[key] = net
     return net
 
-# %% ../nbs/08_evaluate.ipynb #15b0308d
+# %% ../nbs/08_evaluate.ipynb #88c15242
 class DigitsScorer:
     """Scores generated digits with a classifier trained on the training split (issue 6):
     `acc` (samples classified as their conditioning label), `fd` (Fréchet distance in the classifier's 64-d feature
     space to the held-out digits), `fd_floor` (the same for as many real training digits), `real_acc` (the
-    classifier's accuracy on the held-out digits). Digits are [n,1,8,8] in [-1,1]."""
+    classifier's accuracy on the held-out digits), `isc` (Inception-style score of the classifier's logits, at most
+    10). Digits are [n,1,8,8] in [-1,1]."""
     def __init__(self, train_x, train_y, heldout_x, heldout_y, seed: int = 0, cache: Path | str | None = None):
         self.train_x, self.train_y = _as_digits(train_x, "training digits"), torch.as_tensor(train_y).long().cpu()
         self.heldout_x, self.heldout_y = _as_digits(heldout_x, "held-out digits"), torch.as_tensor(heldout_y).long().cpu()
@@ -182,7 +183,7 @@ class DigitsScorer:
         return self._floors[n]
 
     def score(self, samples, labels) -> dict:
-        "dict(acc, fd, fd_floor, real_acc, n) for generated digits [n,1,8,8] in [-1,1] and their labels [n]."
+        "dict(acc, fd, fd_floor, real_acc, isc, n) for generated digits [n,1,8,8] in [-1,1] and their labels [n]."
         x = _as_digits(samples)
         labels = torch.as_tensor(labels).long().cpu()
         if len(labels) != len(x): raise ValueError(f"{len(x)} samples but {len(labels)} labels")
@@ -190,7 +191,8 @@ class DigitsScorer:
         f, logits = self.features(x.clamp(-1, 1))
         return dict(acc=float((logits.argmax(1) == labels).float().mean()),
                     fd=frechet_distance(feature_stats(f), self.heldout_stats),
-                    fd_floor=self.fd_floor(len(x)), real_acc=self.real_acc, n=len(x))
+                    fd_floor=self.fd_floor(len(x)), real_acc=self.real_acc,
+                    isc=inception_score(logits)[0], n=len(x))
 
 # %% ../nbs/08_evaluate.ipynb #2d4e45f6
 class DigitsFeatureExtractor(FeatureExtractorBase):
@@ -388,7 +390,7 @@ def evaluate_run(run, ref: dict, features: FidelityFeatures, alphas=DEFAULT_ALPH
             "feature_extractor": features.name, "layers": features.layers, "seed": seed,
             "seconds": round(time.time() - t0, 1)}
 
-# %% ../nbs/08_evaluate.ipynb #99f89424
+# %% ../nbs/08_evaluate.ipynb #ba81c9a6
 def _read_images(path) -> np.ndarray:
     "uint8 images [N,H,W,C] from an .npz or a folder of images (torch-fidelity's ImagesPathDataset; one size)."
     path = Path(path)
@@ -464,6 +466,6 @@ def main(argv=None):
     print(json.dumps(res["best"], indent=2))
     return res
 
-# %% ../nbs/08_evaluate.ipynb #f2d221a7
+# %% ../nbs/08_evaluate.ipynb #e2da8d21
 #| eval: false
 if __name__ == "__main__": main()

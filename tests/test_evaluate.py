@@ -236,7 +236,7 @@ def test_digits_scorer_real_and_noise(split, halves):
     g = torch.Generator().manual_seed(0)
     noise = scorer.score(torch.rand(len(gen_idx), 1, 8, 8, generator=g) * 2 - 1, split.y_test[gen_idx])
     assert noise["acc"] < 0.3 and noise["fd"] > 20 * noise["fd_floor"]
-    assert set(real) >= {"acc", "fd", "fd_floor", "real_acc"}
+    assert set(real) >= {"acc", "fd", "fd_floor", "real_acc", "isc"} and real["isc"] > noise["isc"]
 
 
 def test_digits_scorer_inputs(split):
