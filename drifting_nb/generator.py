@@ -254,7 +254,7 @@ def generate(model: nn.Module, labels: Tensor, alpha: float | Tensor, generator:
     alpha = torch.as_tensor(alpha, dtype=torch.float32, device=dev).reshape(-1).expand(n)  # a tensor: no recompiles
     return model(noise.to(dev), labels.reshape(n), alpha, style_idx)
 
-# %% ../nbs/05_generator.ipynb #f03a20fa
+# %% ../nbs/05_generator.ipynb #3de53534
 GENERATOR_PRESETS = {
     # paper generators: latent (SD-VAE 32x32x4, patch 2) and pixel (256x256x3, patch 16); 256 tokens each
     "B/2":  dict(input_size=32,  patch_size=2,  in_channels=4, hidden_size=768,  depth=12, num_heads=12),
@@ -264,7 +264,7 @@ GENERATOR_PRESETS = {
     # small generators for CPU work and tests
     "S/2":  dict(input_size=32,  patch_size=2,  in_channels=4, hidden_size=384,  depth=12, num_heads=6),
     "T/2":  dict(input_size=32,  patch_size=2,  in_channels=4, hidden_size=192,  depth=6,  num_heads=3),
-    "digits": dict(input_size=8, patch_size=1,  in_channels=1, hidden_size=128,  depth=4,  num_heads=4, num_classes=10),
+    "digits": dict(input_size=8, patch_size=2,  in_channels=1, hidden_size=128,  depth=4,  num_heads=4, num_classes=10),
 }
 
 def build_generator(name: str, **overrides) -> DiT:
