@@ -249,3 +249,25 @@ def test_digits_scorer_inputs(split):
         scorer.score(torch.full((5, 1, 8, 8), float("nan")), y[:5])
     with pytest.raises(ValueError, match="labels"):
         scorer.score(x, y[:10])
+
+
+# ---------------------------------------------------------------- with a real run of the training system
+
+def test_sample_and_evaluate_a_trained_tiny_run(tmp_path):
+    from drifting_nb.data import make_fake_imagefolder
+    from drifting_nb.train import get_config, train
+    make_fake_imagefolder(tmp_path / "imgs" / "train", num_classes=3, per_class=12, size=(16, 16), ext="png")
+    out = tmp_path / "run"
+    train(get_config("tiny-pixel", data_dir=str(tmp_path / "imgs"), output_dir=str(out), max_steps=1, encoder="none"))
+    sample_mod.main(["--run", str(out), "--num-samples", "7", "--batch-size", "4", "--alpha", "1.5", "--device", "cpu",
+                     "--out", str(tmp_path / "s.npz")])
+    with np.load(tmp_path / "s.npz") as f:
+        assert f["samples"].shape == (7, 16, 16, 3) and f["samples"].dtype == np.uint8
+        assert f["labels"].tolist() == [0, 1, 2, 0, 1, 2, 0]
+    ref = tmp_path / "ref.npz"
+    ev.main(["--make-ref-stats", str(tmp_path / "imgs" / "train"), "--out", str(ref), "--feature-extractor", "test-tiny",
+             "--keep-images"])
+    res = ev.main(["--run", str(out), "--ref-stats", str(ref), "--num-samples", "12", "--alpha", "1", "2",
+                   "--feature-extractor", "test-tiny", "--device", "cpu", "--batch-size", "6"])
+    assert res["best"]["num_samples"] == 12 and res["best"]["precision"] is not None
+    assert res["best"]["alpha"] == min(res["sweep"], key=lambda s: s["fid"])["alpha"]
