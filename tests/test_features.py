@@ -1,0 +1,246 @@
+"""The feature encoder, the multi-scale feature set and the feature-space loss (SPEC 3, A.5; nbs/03_features.ipynb)."""
+import functools
+
+import pytest
+import torch
+import torch.nn as nn
+
+from drifting_nb.features import (build_encoder, extract_features, map_features, multi_feature_drifting_loss,
+                                  load_resnet50, convnextv2_encoder, with_vae_decoder, merge_feature_fns,
+                                  save_encoder, load_encoder, TorchvisionResNetFeatures)
+
+MAPS = ["s1b2", "s1b3", "s2b2", "s2b4", "s3b2", "s3b4", "s3b6", "s4b2", "s4b3"]
+
+
+def _kinds(feats, name):
+    return sorted(k.split(".", 1)[1] for k in feats if k.startswith(name + "."))
+
+
+@pytest.mark.parametrize("kind,shape", [("latent", (4, 32, 32)), ("pixel", (3, 256, 256))])
+def test_feature_dict_keys_and_sizes(kind, shape):
+    enc = build_encoder(kind, width=8).requires_grad_(False)
+    x = torch.randn(2, *shape)
+    maps = enc.feature_maps(x)
+    assert list(maps) == MAPS
+    sizes = {"s1": 32, "s2": 16, "s3": 8, "s4": 4}
+    widths = {"s1": 8, "s2": 16, "s3": 32, "s4": 64}
+    feats = extract_features(enc, x)
+    for name, m in maps.items():
+        h, c = sizes[name[:2]], widths[name[:2]]
+        assert m.shape == (2, c, h, h)
+        assert feats[f"{name}.loc"].shape == (2, h * h, c)
+        assert feats[f"{name}.mean"].shape == feats[f"{name}.std"].shape == (2, 1, c)
+        assert feats[f"{name}.p2mean"].shape == (2, h * h // 4, c)
+        if h > 4: assert feats[f"{name}.p4std"].shape == (2, h * h // 16, c)
+        else: assert f"{name}.p4std" not in feats            # one 4x4 patch = the global statistics
+    assert feats["input.rms"].shape == (2, 1, shape[0])
+    assert feats["raw"].shape == (2, 1, shape[0] * shape[1] * shape[2])
+    assert len(feats) == 9 * 3 + 9 * 2 + 7 * 2 + 2
+    assert all(f.dim() == 3 and f.shape[0] == 2 for f in feats.values())
+
+
+def test_feature_values():
+    m = torch.randn(3, 5, 8, 8)
+    f = map_features("m", m)
+    torch.testing.assert_close(f["m.loc"].reshape(3, 8, 8, 5).permute(0, 3, 1, 2), m)
+    torch.testing.assert_close(f["m.mean"][:, 0], m.mean((2, 3)))
+    torch.testing.assert_close(f["m.std"][:, 0], m.std((2, 3), correction=0), atol=1e-5, rtol=1e-4)
+    # 4x4 patch (1, 0): rows 4..7, columns 0..3
+    torch.testing.assert_close(f["m.p4mean"][:, 2], m[:, :, 4:8, 0:4].mean((2, 3)))
+    torch.testing.assert_close(f["m.p4std"][:, 2], m[:, :, 4:8, 0:4].std((2, 3), correction=0), atol=1e-5, rtol=1e-4)
+    rms = extract_features(build_encoder(width=8), torch.full((1, 4, 32, 32), -3.0))["input.rms"]
+    torch.testing.assert_close(rms, torch.full((1, 1, 4), 3.0), atol=1e-5, rtol=1e-5)
+
+
+def test_ablation_switches_and_small_maps():
+    enc = build_encoder(width=8)
+    x = torch.randn(1, 4, 32, 32)
+    n = {fs: len(extract_features(enc, x, fs, include_input_rms=False, include_raw=False)) for fs in ("a-b", "a-c", "a-d")}
+    assert n == {"a-b": 27, "a-c": 45, "a-d": 59}
+    assert "raw" not in extract_features(enc, x, include_raw=False)
+    with pytest.raises(ValueError, match="valid"):
+        extract_features(enc, x, "a-e")
+    # digits-sized input: the 1x1 last stage keeps only its location vector; a 2x2 map has no 2x2 patch stats
+    digits = build_encoder(width=8, in_channels=1)
+    f = extract_features(digits, torch.randn(2, 1, 8, 8))
+    assert _kinds(f, "s4b3") == ["loc"]
+    assert _kinds(f, "s3b6") == ["loc", "mean", "std"]
+    assert _kinds(f, "s1b2") == ["loc", "mean", "p2mean", "p2std", "p4mean", "p4std", "std"]
+    assert all(torch.isfinite(v).all() for v in f.values())
+
+
+def test_std_gradient_finite_on_constant_patches():
+    m = torch.zeros(2, 3, 8, 8, requires_grad=True)          # a dead ReLU region: constant patches
+    sum(v.sum() for v in map_features("m", m).values()).backward()
+    assert torch.isfinite(m.grad).all()
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match=r"expected input \[n, 4, H, W\]"):
+        build_encoder(width=8).feature_maps(torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="divisible by the patch size 8"):
+        build_encoder("pixel", width=8).feature_maps(torch.randn(1, 3, 100, 100))
+    with pytest.raises(ValueError, match="valid kinds"):
+        build_encoder("audio")
+
+
+class StandIn(nn.Module):
+    "A small generator: noise [n,8] -> latents [n,4,16,16]."
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.SiLU(), nn.Linear(32, 4 * 16 * 16))
+    def forward(self, z): return self.net(z).reshape(-1, 4, 16, 16)
+
+
+def test_feature_loss_backpropagates_into_generator():
+    torch.manual_seed(0)
+    enc = build_encoder(width=8).requires_grad_(False)
+    phi = functools.partial(extract_features, enc)
+    G = StandIn()
+    Nc, Nneg, Npos, Nunc = 3, 6, 5, 4
+    gen = G(torch.randn(Nc * Nneg, 8)).reshape(Nc, Nneg, 4, 16, 16)
+    pos = torch.randn(Nc, Npos, 4, 16, 16, requires_grad=True)
+    unc = torch.randn(Nc, Nunc, 4, 16, 16, requires_grad=True)
+    loss, info = multi_feature_drifting_loss(phi, gen, pos, unc, unc_weight=torch.tensor([0.0, 0.5, 2.0]))
+    loss.backward()
+    keys = list(phi(torch.randn(1, 4, 16, 16)))
+    assert [k for k in info if not k.startswith("drift/")] == keys
+    assert sorted(k for k in info if k.startswith("drift/")) == sorted(f"drift/{k}" for k in keys)
+    assert abs(loss.item() - sum(info[k] for k in keys)) < 1e-3 * loss.item()
+    for p in G.parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0 and torch.isfinite(p.grad).all()
+    assert pos.grad is None and unc.grad is None
+    assert all(p.grad is None for p in enc.parameters())
+
+
+def test_feature_loss_training_step_moves_samples_toward_data():
+    "A few steps of gradient descent on free samples lower the raw-feature drift."
+    torch.manual_seed(0)
+    phi = functools.partial(extract_features, build_encoder(width=8, in_channels=1).requires_grad_(False))
+    pos = torch.randn(2, 16, 1, 8, 8) * 0.5 + 1.0
+    x = torch.nn.Parameter(torch.randn(2, 16, 1, 8, 8))
+    opt = torch.optim.Adam([x], lr=0.05)
+    drifts, start = [], x.detach().mean()
+    for _ in range(30):
+        loss, info = multi_feature_drifting_loss(phi, x, pos)
+        drifts.append(info["drift/raw"])
+        opt.zero_grad(); loss.backward(); opt.step()
+    assert x.detach().mean() > start + 0.1                     # the samples moved toward the data (mean 1)
+    assert drifts[-1] < drifts[0]
+
+
+def test_joint_and_separate_phi_agree_and_cfg_weight_matters():
+    torch.manual_seed(1)
+    phi = functools.partial(extract_features, build_encoder(width=8).requires_grad_(False), feature_set="a-b")
+    gen = torch.randn(2, 5, 4, 16, 16, requires_grad=True)
+    pos, unc = torch.randn(2, 5, 4, 16, 16), torch.randn(2, 3, 4, 16, 16)
+    grads = []
+    for joint in (True, False):
+        gen.grad = None
+        loss, _ = multi_feature_drifting_loss(phi, gen, pos, unc, 1.5, joint=joint)
+        loss.backward()
+        grads.append((loss.detach(), gen.grad.clone()))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-3, atol=1e-6)
+    l0, _ = multi_feature_drifting_loss(phi, gen, pos, unc, 0.0)
+    l3, _ = multi_feature_drifting_loss(phi, gen, pos, unc, 3.0)
+    assert not torch.isclose(l0, l3)
+
+
+def test_feature_loss_shape_errors():
+    phi = functools.partial(extract_features, build_encoder(width=8))
+    gen = torch.randn(2, 3, 4, 16, 16)
+    with pytest.raises(ValueError, match="pos"):
+        multi_feature_drifting_loss(phi, gen, torch.randn(3, 3, 4, 16, 16))
+    with pytest.raises(ValueError, match="unc"):
+        multi_feature_drifting_loss(phi, gen, torch.randn(2, 3, 4, 16, 16), torch.randn(2, 3, 4, 8, 8))
+    with pytest.raises(ValueError, match="unc_weight"):
+        multi_feature_drifting_loss(phi, gen, torch.randn(2, 3, 4, 16, 16), torch.randn(2, 3, 4, 16, 16), torch.ones(5))
+
+
+def _moco_file(path, r50):
+    sd = r50.state_dict()
+    ckpt = {f"module.encoder_q.{k}": v for k, v in sd.items()}
+    ckpt.update({f"module.encoder_k.{k}": v + 1 for k, v in sd.items()})       # the key encoder must not be used
+    ckpt["module.queue"] = torch.randn(128, 16)
+    ckpt["module.queue_ptr"] = torch.zeros(1, dtype=torch.long)
+    torch.save({"epoch": 200, "arch": "resnet50", "state_dict": ckpt, "optimizer": {}}, path)
+
+
+def test_moco_checkpoint_loader(tmp_path):
+    import torchvision
+    torch.manual_seed(0)
+    r50 = torchvision.models.resnet50(weights=None)
+    r50.fc = nn.Sequential(nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 128))   # MoCo-v2 MLP head
+    _moco_file(tmp_path / "moco.pth.tar", r50)
+    enc = load_resnet50(tmp_path / "moco.pth.tar")
+    got = enc.model.state_dict()
+    for k, v in r50.state_dict().items():
+        if not k.startswith("fc."): assert torch.equal(got[k], v), k
+    # SimCLR-style plain torchvision dict (with a linear fc) also loads
+    plain = torchvision.models.resnet50(weights=None)
+    torch.save(plain.state_dict(), tmp_path / "simclr.pth")
+    assert torch.equal(load_resnet50(tmp_path / "simclr.pth").model.conv1.weight, plain.conv1.weight)
+    # and the features come out in the shared format
+    with torch.no_grad(): f = extract_features(enc, torch.rand(1, 3, 64, 64) * 2 - 1, include_raw=False)
+    assert f["s4b3.loc"].shape == (1, 4, 2048) and f["s1b2.loc"].shape == (1, 256, 256)
+
+
+def test_mismatched_checkpoint_is_refused(tmp_path):
+    import torchvision
+    torch.save({"state_dict": {f"module.encoder_q.{k}": v for k, v in torchvision.models.resnet18().state_dict().items()}},
+               tmp_path / "r18.pth")
+    with pytest.raises(ValueError, match="not a ResNet-50 backbone checkpoint.*missing keys"):
+        load_resnet50(tmp_path / "r18.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+        load_resnet50(tmp_path / "junk.pth")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_resnet50(tmp_path / "missing.pth")
+
+
+def test_convnextv2_features(tmp_path):
+    pytest.importorskip("timm")
+    enc = convnextv2_encoder("convnextv2_atto").requires_grad_(False)
+    with torch.no_grad(): f = extract_features(enc, torch.rand(1, 3, 64, 64) * 2 - 1, include_raw=False)
+    assert f["s1b2.loc"].shape == (1, 16 * 16, 40) and f["s4b2.mean"].shape == (1, 1, 320)
+    torch.save(enc.model.state_dict(), tmp_path / "cnx.pth")
+    again = convnextv2_encoder("convnextv2_atto", checkpoint=tmp_path / "cnx.pth")
+    assert torch.equal(again.model.stages[3].blocks[1].mlp.fc1.weight, enc.model.stages[3].blocks[1].mlp.fc1.weight)
+    with pytest.raises(ValueError, match="does not fit"):
+        convnextv2_encoder("convnextv2_pico", checkpoint=tmp_path / "cnx.pth")
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8),
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         layers_per_block=1, norm_num_groups=4, sample_size=32)
+
+
+def test_pixel_encoder_judges_latents_through_vae_decoder():
+    vae = _tiny_vae()
+    r50 = TorchvisionResNetFeatures().eval().requires_grad_(False)
+    phi = with_vae_decoder(functools.partial(extract_features, r50, feature_set="a-b", include_raw=False), vae, chunk_size=2)
+    G = StandIn()
+    gen = G(torch.randn(2 * 3, 8)).reshape(2, 3, 4, 16, 16)[..., :4, :4]   # latents [2,3,4,4,4] -> images 32x32
+    loss, info = multi_feature_drifting_loss(phi, gen, torch.randn(2, 3, 4, 4, 4))
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in G.parameters())
+    assert all(p.grad is None for p in vae.parameters())
+    assert "input.rms" in info
+
+
+def test_merge_and_save_load(tmp_path):
+    enc = build_encoder(width=8)
+    phi = merge_feature_fns({"a": functools.partial(extract_features, enc),
+                             "b": functools.partial(extract_features, enc, feature_set="a-b", include_raw=False)})
+    f = phi(torch.randn(1, 4, 32, 32))
+    assert "a/raw" in f and "b/s1b2.loc" in f and "b/s1b2.p2mean" not in f
+    save_encoder(enc, tmp_path / "enc", step=3)
+    back = load_encoder(tmp_path / "enc" / "encoder.safetensors")
+    x = torch.randn(2, 4, 32, 32)
+    with torch.no_grad(): torch.testing.assert_close(back(x), enc.eval()(x))
+    with pytest.raises(FileNotFoundError, match="save_encoder"):
+        load_encoder(tmp_path)

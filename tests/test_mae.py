@@ -1,0 +1,148 @@
+"""MAE pretraining of the feature encoder (SPEC 6, A.3/A.4; nbs/04_mae.ipynb, nbs/04b_train_mae.ipynb)."""
+import json
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from drifting_nb.features import build_encoder, extract_features, load_encoder
+from drifting_nb.mae import MAE, CropDataset, mae_loss, random_patch_mask, cls_lambda
+from drifting_nb.train_mae import main, make_config, parse_args, train_mae, lr_at
+
+
+@pytest.mark.parametrize("kind,shape,in_ch", [("latent", (4, 32, 32), None), ("pixel", (3, 256, 256), None),
+                                              ("latent", (1, 8, 8), 1)])
+def test_mae_reconstructs_input_shape(kind, shape, in_ch):
+    mae = MAE(build_encoder(kind, width=8, in_channels=in_ch), num_classes=5)
+    rec, logits = mae(torch.randn(2, *shape))
+    assert rec.shape == (2, *shape) and logits.shape == (2, 5)
+
+
+def test_mask_blocks_and_rate():
+    g = torch.Generator().manual_seed(0)
+    m = random_patch_mask(torch.zeros(256, 4, 32, 32), generator=g)
+    assert m.shape == (256, 1, 32, 32)
+    assert torch.equal(m, m[:, :, ::2, ::2].repeat_interleave(2, 2).repeat_interleave(2, 3))
+    assert abs(m.mean().item() - 0.5) < 0.01
+    mp = random_patch_mask(torch.zeros(4, 3, 256, 256), encoder_patch=8, generator=g)
+    assert torch.equal(mp, mp[:, :, ::16, ::16].repeat_interleave(16, 2).repeat_interleave(16, 3))
+    with pytest.raises(ValueError, match="not divisible"):
+        random_patch_mask(torch.zeros(1, 4, 33, 33))
+
+
+def test_loss_counts_masked_entries_only():
+    mae = MAE(build_encoder(width=8))
+    x = torch.randn(2, 4, 16, 16)
+    mask = random_patch_mask(x, generator=torch.Generator().manual_seed(0))
+    loss, _ = mae_loss(mae, x, mask)
+    loss.backward()
+    rec = mae(x * (1 - mask))[0].detach()
+    expected = ((rec - x) ** 2 * mask).sum() / (mask.sum() * 4)
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-4, atol=1e-6)
+    # the encoder sees zeros where masked: changing masked input values changes nothing
+    x2 = x + 5 * mask
+    torch.testing.assert_close(mae(x2 * (1 - mask))[0], mae(x * (1 - mask))[0])
+
+
+def test_mae_loss_falls_on_digits():
+    from sklearn.datasets import load_digits
+    from torch.utils.data import TensorDataset
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 8 - 1
+    ds = CropDataset(TensorDataset(x, torch.tensor(d.target)), 8, scale=(0.5, 1.0), hflip=False)
+    torch.manual_seed(0)
+    model = MAE(build_encoder(width=8, in_channels=1))
+    opt = torch.optim.AdamW(model.parameters(), lr=4e-3, weight_decay=0.05)
+    loader = DataLoader(ds, batch_size=64, shuffle=True, drop_last=True)
+    batches = [b for _ in range(3) for b in loader][:60]                        # 60 steps, a bit over two epochs
+    hist = []
+    for xb, _ in batches:
+        loss, info = mae_loss(model, xb)
+        opt.zero_grad(); loss.backward(); opt.step()
+        hist.append(info["recon"].item())
+    first, last = sum(hist[:8]) / 8, sum(hist[-8:]) / 8
+    assert last < 0.8 * first
+    assert last < 0.5 * (x ** 2).mean().item()                # far better than predicting zeros
+
+
+def test_cls_finetune_lambda_and_loss():
+    assert [cls_lambda(s, 1000, 0.1) for s in (-1, 0, 250, 1000, 2999)] == [0.0, 0.0, 0.025, 0.1, 0.1]
+    mae = MAE(build_encoder(width=8), num_classes=3)
+    x, y = torch.randn(4, 4, 16, 16), torch.tensor([0, 1, 2, 0])
+    loss, info = mae_loss(mae, x, labels=y, lam=0.1, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(loss, 0.9 * info["recon"] + 0.1 * info["ce"])
+    with pytest.raises(ValueError, match="num_classes"):
+        mae_loss(MAE(build_encoder(width=8)), x, labels=y, lam=0.1)
+
+
+def test_presets_and_overrides():
+    for name, width, ft in (("latent-256", 256, 0), ("latent-640", 640, 3000), ("pixel-640", 640, 3000)):
+        c = make_config(name)
+        assert (c.width, c.ft_steps, c.batch_size, c.lr, c.ema_decay, c.mask_prob) == (width, ft, 8192, 4e-3, 0.9995, 0.5)
+    assert make_config("pixel-640").kind == "pixel"
+    preset, cfg, args = parse_args(["--preset", "tiny", "--max-steps", "3", "width=12", "blocks=1,2,1,1"])
+    assert (preset, cfg.width, cfg.blocks, args.max_steps) == ("tiny", 12, (1, 2, 1, 1), 3)
+    with pytest.raises(SystemExit):
+        parse_args(["--preset", "nope"])
+    with pytest.raises(ValueError, match="valid presets: latent-256, latent-640, pixel-640"):
+        make_config("nope")
+    with pytest.raises(ValueError, match="unknown key 'depth'; valid keys: kind, width"):
+        make_config("tiny", {"depth": "3"})
+
+
+def test_lr_schedule():
+    c = make_config("tiny", {"warmup_steps": 4, "lr": 1.0, "ft_lr": 0.1})
+    lrs = [lr_at(s, c, 20) for s in range(25)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0] and lrs[19] < 0.01 and lrs[20:] == [0.1] * 5
+    assert all(a >= b for a, b in zip(lrs[3:20], lrs[4:20]))
+
+
+def test_train_mae_job_saves_resumes_and_loads(tmp_path, capsys):
+    run = tmp_path / "run"
+    r1 = main(["--preset", "tiny", "--output-dir", str(run), "--max-steps", "10", "--seed", "3"])
+    assert r1["step"] == 10 and (run / "checkpoints" / "step_0000010").is_dir()
+    r2 = main(["--preset", "tiny", "--output-dir", str(run), "--seed", "3", "--resume"])
+    assert r2["step"] == 26                                    # 20 pretraining + 6 fine-tune steps
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(2, 27, 2))
+    assert rows[0]["lam"] == 0.0 and rows[-1]["lam"] == pytest.approx(0.1) and "ce" in rows[-1]
+    assert len(list((run / "checkpoints").iterdir())) == 2     # keep_checkpoints
+    meta = json.loads((run / "encoder.json").read_text())
+    assert meta["preset"] == "tiny" and meta["step"] == 26
+    enc = load_encoder(run)
+    assert enc.config["width"] == 8 and not enc.training
+    with torch.no_grad(): feats = extract_features(enc, torch.randn(2, 4, 16, 16))
+    assert "s4b1.loc" in feats and all(torch.isfinite(v).all() for v in feats.values())
+    # a checkpoint from another model size is refused
+    with pytest.raises(ValueError, match="different model"):
+        main(["--preset", "tiny", "--output-dir", str(run), "--resume", "width=16"])
+
+
+def test_resume_continues_the_same_run(tmp_path):
+    "Killed after step 10 and resumed, the run logs the same losses as an uninterrupted one."
+    full = main(["--preset", "tiny", "--output-dir", str(tmp_path / "a"), "--seed", "5", "ft_steps=0", "steps=16"])
+    main(["--preset", "tiny", "--output-dir", str(tmp_path / "b"), "--seed", "5", "ft_steps=0", "steps=16", "--max-steps", "10"])
+    rest = main(["--preset", "tiny", "--output-dir", str(tmp_path / "b"), "--seed", "5", "ft_steps=0", "steps=16", "--resume"])
+    a = {r["step"]: r["recon"] for r in full["history"]}
+    b = {r["step"]: r["recon"] for r in rest["history"]}
+    assert sorted(b) == [12, 14, 16]
+    for s in b: assert b[s] == pytest.approx(a[s], rel=1e-5)
+
+
+def test_latent_mae_encodes_images_with_vae(tmp_path):
+    from drifting_nb.data import make_fake_imagefolder, tiny_vae
+    make_fake_imagefolder(tmp_path / "imgs", num_classes=2, per_class=4, size=(80, 72))
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    out = main(["--preset", "tiny", "--output-dir", str(tmp_path / "run"), "--data-dir", str(tmp_path / "imgs"),
+                "--max-steps", "3", "dataset=imagefolder", "image_size=64", f"vae={tmp_path / 'vae'}", "batch_size=4",
+                "num_classes=2"])
+    assert out["step"] == 3
+    enc = load_encoder(tmp_path / "run")
+    assert enc.in_channels == 4                                # latents [4, 8, 8] of 64x64 images
+
+
+def test_missing_data_dir_is_named(tmp_path):
+    with pytest.raises(ValueError, match="needs --data-dir"):
+        train_mae(make_config("tiny", {"dataset": "imagefolder"}), tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train_mae(make_config("tiny", {"dataset": "imagefolder"}), tmp_path, data_dir=tmp_path / "nowhere")
