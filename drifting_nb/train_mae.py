@@ -16,7 +16,7 @@ from .mae import MAE, CropDataset, mae_loss, random_patch_mask, cls_lambda
 # %% auto #0
 __all__ = ['PRESETS', 'MAEConfig', 'make_config', 'RandomFields', 'make_dataset', 'lr_at', 'train_mae', 'parse_args', 'main']
 
-# %% ../nbs/04b_train_mae.ipynb #61ccec03
+# %% ../nbs/04b_train_mae.ipynb #0d8931ad
 @dataclass
 class MAEConfig:
     "Every hyper-parameter of an MAE pretraining run (A.3, A.4)."
@@ -54,7 +54,7 @@ class MAEConfig:
     ft_lambda: float = 0.1
     ft_lr: float = 4e-4                   # ours
     # system
-    mixed_precision: str = "bf16"         # "no" | "bf16" | "fp16"
+    mixed_precision: str = "auto"         # "auto" (bf16 on a GPU that has it, else no) | "no" | "bf16" | "fp16"
     log_every: int = 50
     save_every: int = 1000
     keep_checkpoints: int = 2
@@ -145,7 +145,7 @@ def lr_at(step: int, cfg: MAEConfig, pretrain_steps: int) -> float:
     t = (step - cfg.warmup_steps) / max(1, pretrain_steps - cfg.warmup_steps)
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
 
-# %% ../nbs/04b_train_mae.ipynb #f6cef684
+# %% ../nbs/04b_train_mae.ipynb #d9a3ab87
 def _param_groups(model, weight_decay):
     decay = [p for p in model.parameters() if p.ndim >= 2]             # conv and linear weights
     rest = [p for p in model.parameters() if p.ndim < 2]               # GroupNorm and biases
@@ -166,7 +166,10 @@ def train_mae(cfg: MAEConfig, output_dir, data_dir=None, max_steps: int | None =
     from tqdm.auto import tqdm
     from drifting_nb.data import InfiniteLoader
     output_dir = Path(output_dir)
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+    from drifting_nb.latents import process_state
+    mp = cfg.mixed_precision
+    if mp == "auto": mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    acc = Accelerator(cpu=process_state().device.type == "cpu", mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum,
                       log_with=None if cfg.log_with == "none" else cfg.log_with, project_dir=str(output_dir))
     set_seed(seed, device_specific=True)
     micro = cfg.batch_size // (acc.num_processes * cfg.grad_accum)
@@ -204,7 +207,7 @@ def train_mae(cfg: MAEConfig, output_dir, data_dir=None, max_steps: int | None =
                 if json.dumps(state["config"][k]) != json.dumps(getattr(cfg, k))}
         if diff: raise ValueError(f"checkpoint {last} was written with a different model: {diff} (saved, now)")
         acc.load_state(str(last))
-        loader.load_state_dict(state["loader"])
+        loader.load_state_dict({**state["loader"], "rank": acc.process_index})   # same position on every process
         step = state["step"]
         acc.print(f"resumed from {last} at step {step}")
     elif acc.is_main_process:
