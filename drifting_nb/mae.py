@@ -13,7 +13,8 @@ from torch.utils.data import Dataset
 from .features import ResNetEncoder, build_encoder, group_norm
 
 # %% auto #0
-__all__ = ['conv_gn_relu', 'UpBlock', 'UNetDecoder', 'MAE', 'random_patch_mask', 'mae_loss', 'cls_lambda', 'CropDataset']
+__all__ = ['conv_gn_relu', 'UpBlock', 'UNetDecoder', 'MAE', 'random_patch_mask', 'mae_loss', 'cls_lambda', 'CropDataset',
+           'pretrain_small_mae']
 
 # %% ../nbs/04_mae.ipynb #5dde00b1
 def conv_gn_relu(c_in: int, c_out: int, max_groups: int = 32) -> nn.Sequential:
@@ -112,3 +113,37 @@ class CropDataset(Dataset):
     def __getitem__(self, i):
         x, y = self.base[i]
         return self.tfm(x), y
+
+# %% ../nbs/04_mae.ipynb #030482ed
+def pretrain_small_mae(dataset: Dataset, in_channels: int, width: int = 16, steps: int = 300, batch_size: int = 256,
+                       lr: float = 4e-3, seed: int = 0, device="cpu", progress: bool = False, patch: int = 1,
+                       blocks=(3, 4, 6, 3), ema_decay: float = 0.99, weight_decay: float = 0.05, warmup_steps: int = 20,
+                       crop_scale=(0.5, 1.0), hflip: bool = False, return_all: bool = False):
+    """MAE pretraining (A.3) of a ResNetEncoder on a small Dataset of (tensor [c,H,W], label), in this process.
+    Returns the EMA encoder (eval mode, on `device`); return_all: {'encoder', 'mae' (the trained, non-EMA MAE),
+    'history' (masked L2 per step)}."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+    torch.manual_seed(seed)
+    x0 = dataset[0][0]
+    if x0.dim() != 3 or x0.shape[0] != in_channels:
+        raise ValueError(f"samples of shape {tuple(x0.shape)} do not have in_channels={in_channels}")
+    data = CropDataset(dataset, tuple(x0.shape[-2:]), scale=crop_scale, hflip=hflip)
+    loader = DataLoader(data, batch_size=min(batch_size, len(data)), shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(seed))
+    model = MAE(build_encoder("latent", width, in_channels=in_channels, patch=patch, blocks=blocks)).to(device)
+    ema = AveragedModel(model.encoder, multi_avg_fn=get_ema_multi_avg_fn(ema_decay))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
+    hist, bar = [], tqdm(total=steps, disable=not progress, desc="mae")
+    while len(hist) < steps:
+        for xb, _ in loader:
+            loss, info = mae_loss(model, xb.to(device))
+            opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); sched.step()
+            ema.update_parameters(model.encoder)
+            hist.append(info["recon"].item()); bar.update(1)
+            if len(hist) == steps: break
+    bar.close()
+    enc = ema.module.eval()
+    return dict(encoder=enc, mae=model.eval(), history=hist) if return_all else enc

@@ -3,10 +3,9 @@ import json
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from drifting_nb.features import build_encoder, extract_features, load_encoder
-from drifting_nb.mae import MAE, CropDataset, mae_loss, random_patch_mask, cls_lambda
+from drifting_nb.mae import MAE, mae_loss, random_patch_mask, cls_lambda, pretrain_small_mae
 from drifting_nb.train_mae import main, make_config, parse_args, train_mae, lr_at
 
 
@@ -45,24 +44,16 @@ def test_loss_counts_masked_entries_only():
 
 
 def test_mae_loss_falls_on_digits():
-    from sklearn.datasets import load_digits
-    from torch.utils.data import TensorDataset
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 8 - 1
-    ds = CropDataset(TensorDataset(x, torch.tensor(d.target)), 8, scale=(0.5, 1.0), hflip=False)
-    torch.manual_seed(0)
-    model = MAE(build_encoder(width=8, in_channels=1))
-    opt = torch.optim.AdamW(model.parameters(), lr=4e-3, weight_decay=0.05)
-    loader = DataLoader(ds, batch_size=64, shuffle=True, drop_last=True)
-    batches = [b for _ in range(2) for b in loader][:40]                        # 40 steps, about 1.4 epochs
-    hist = []
-    for xb, _ in batches:
-        loss, info = mae_loss(model, xb)
-        opt.zero_grad(); loss.backward(); opt.step()
-        hist.append(info["recon"].item())
+    from drifting_nb.data import digits_split
+    train = digits_split().train
+    run = pretrain_small_mae(train, in_channels=1, width=8, steps=40, batch_size=64, return_all=True)
+    hist = run["history"]
     first, last = sum(hist[:6]) / 6, sum(hist[-6:]) / 6
     assert last < 0.8 * first
-    assert last < 0.5 * (x ** 2).mean().item()                # far better than predicting zeros
+    assert last < 0.5 * (train.tensors[0] ** 2).mean().item()     # far better than predicting zeros
+    enc = run["encoder"]
+    assert enc.in_channels == 1 and not enc.training
+    assert not any(torch.equal(a, b) for a, b in zip(enc.parameters(), run["mae"].encoder.parameters()) if a.numel() > 8)
 
 
 def test_cls_finetune_lambda_and_loss():
