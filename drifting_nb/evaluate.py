@@ -387,7 +387,7 @@ def evaluate_run(run, ref: dict, features: FidelityFeatures, alphas=DEFAULT_ALPH
             "feature_extractor": features.name, "layers": features.layers, "seed": seed,
             "seconds": round(time.time() - t0, 1)}
 
-# %% ../nbs/08_evaluate.ipynb #c463aeb9
+# %% ../nbs/08_evaluate.ipynb #7b317cac
 def _read_images(path) -> np.ndarray:
     "uint8 images [N,H,W,C] from an .npz or a folder of images (torch-fidelity's ImagesPathDataset; one size)."
     path = Path(path)
@@ -422,6 +422,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=250, help="samples per network call")
     p.add_argument("--seed", type=int, default=0, help="noise seed (the same for every alpha)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--ema-decay", type=float, default=None, help="which EMA copy (default: the run's first decay)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available)")
     p.add_argument("--feature-extractor", default="inception-v3-compat",
                    help="torch-fidelity extractor name or 'pkg.module:Class' (default: inception-v3-compat)")
@@ -452,10 +453,10 @@ def main(argv=None):
     if not args.no_prc:
         real = _read_images(args.ref_images) if args.ref_images else load_images(args.ref_stats)
         if real is None: warnings.warn(f"{args.ref_stats} holds no reference images: precision/recall skipped (give --ref-images)")
-    run = _sample.load_run(args.run, ema=not args.no_ema, device=device)
+    run = _sample.load_run(args.run, ema=not args.no_ema, device=device, decay=args.ema_decay)
     res = evaluate_run(run, ref, features(), args.alpha, args.num_samples, args.sweep_num_samples, real,
                        args.batch_size, args.seed, progress=True)
-    res.update(run=str(args.run), ema=not args.no_ema, ref_stats=str(args.ref_stats))
+    res.update(run=str(args.run), ema=None if args.no_ema else (args.ema_decay or "first"), ref_stats=str(args.ref_stats))
     if args.out:
         out = Path(args.out); out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=2))

@@ -113,9 +113,9 @@ def save_grid(path, samples: np.ndarray, nrow: int = 8, padding: int = 1) -> Pat
         if tmp.exists(): tmp.unlink()
     return path
 
-# %% ../nbs/08b_sample.ipynb #b8cfc178
-def load_run(run_dir, ema: bool = True, device="cpu"):
-    "Load a training run for sampling (`drifting_nb.train.load_run`): EMA weights by default."
+# %% ../nbs/08b_sample.ipynb #837ea738
+def load_run(run_dir, ema: bool = True, device="cpu", decay: float | None = None):
+    "Load a training run for sampling (`drifting_nb.train.load_run`): EMA weights (of `decay`, default the first) by default."
     run_dir = Path(run_dir)
     if not run_dir.is_dir(): raise FileNotFoundError(f"run folder {run_dir} does not exist")
     if not (run_dir / "config.json").exists():
@@ -124,7 +124,7 @@ def load_run(run_dir, ema: bool = True, device="cpu"):
         from drifting_nb.train import load_run as _load
     except ImportError as e:
         raise ImportError(f"sampling needs drifting_nb.train.load_run, which could not be imported: {e}") from e
-    return _load(run_dir, ema=ema, device=device)
+    return _load(run_dir, ema=ema, device=device, **({} if decay is None else {"decay": decay}))
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -140,6 +140,7 @@ def sample_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=250, help="samples per network call")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--ema-decay", type=float, default=None, help="which EMA copy (default: the run's first decay)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available)")
     p.add_argument("--nrow", type=int, default=None, help="images per row of a PNG grid")
     p.add_argument("--out", required=True, help="output file: .npz (samples, labels) or .png (a grid)")
@@ -152,7 +153,7 @@ def main(argv=None):
     if out.suffix.lower() not in (".npz", ".png"):
         raise SystemExit(f"--out must end in .npz or .png, got {out.name}")
     if args.num_samples < 1: raise SystemExit(f"--num-samples must be positive, got {args.num_samples}")
-    run = load_run(args.run, ema=not args.no_ema, device=args.device or default_device())
+    run = load_run(args.run, ema=not args.no_ema, device=args.device or default_device(), decay=args.ema_decay)
     labels = make_labels(args.num_samples, run.num_classes, args.labels)
     samples, labels = generate(run, labels, args.alpha, args.batch_size, args.seed, progress=True)
     if out.suffix.lower() == ".png":

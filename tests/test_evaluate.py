@@ -67,7 +67,7 @@ class DigitsRun:
 def standin(monkeypatch, tmp_path):
     run = DigitsRun()
     (tmp_path / "run").mkdir()
-    monkeypatch.setattr(sample_mod, "load_run", lambda run_dir, ema=True, device="cpu": run)
+    monkeypatch.setattr(sample_mod, "load_run", lambda run_dir, ema=True, device="cpu", decay=None: run)
     return run
 
 
@@ -259,7 +259,7 @@ def test_sample_and_evaluate_a_trained_tiny_run(tmp_path):
     make_fake_imagefolder(tmp_path / "imgs" / "train", num_classes=3, per_class=12, size=(16, 16), ext="png")
     out = tmp_path / "run"
     train(get_config("tiny-pixel", data_dir=str(tmp_path / "imgs"), output_dir=str(out), max_steps=1, encoder="none"))
-    sample_mod.main(["--run", str(out), "--num-samples", "7", "--batch-size", "4", "--alpha", "1.5", "--device", "cpu",
+    sample_mod.main(["--run", str(out), "--num-samples", "7", "--batch-size", "4", "--alpha", "1.5", "--device", "cpu", "--ema-decay", "0.999",
                      "--out", str(tmp_path / "s.npz")])
     with np.load(tmp_path / "s.npz") as f:
         assert f["samples"].shape == (7, 16, 16, 3) and f["samples"].dtype == np.uint8
