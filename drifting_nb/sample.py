@@ -33,17 +33,14 @@ def make_labels(n: int, num_classes: int, labels=None) -> Tensor:
     if len(bad): raise ValueError(f"labels {bad.tolist()} are outside this run's classes 0..{num_classes - 1}")
     return labels.repeat(math.ceil(n / len(labels)))[:n]
 
-# %% ../nbs/08b_sample.ipynb #a99997f7
+# %% ../nbs/08b_sample.ipynb #4affed53
 def run_device(run) -> torch.device:
-    "The device a run's network lives on (`run.device` when it has one, else the device of its parameters, else CPU)."
+    "The device a run's network lives on: `run.device`, else the device of `run.model`'s parameters, else CPU."
     dev = getattr(run, "device", None)
     if dev is not None: return torch.device(dev)
-    for attr in ("model", "net", "generator"):
-        m = getattr(run, attr, None)
-        if isinstance(m, torch.nn.Module):
-            p = next(m.parameters(), None)
-            if p is not None: return p.device
-    return torch.device("cpu")
+    model = getattr(run, "model", None)
+    p = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
+    return torch.device("cpu") if p is None else p.device
 
 def iter_samples(run, labels: Tensor, alpha: float = 1.0, batch_size: int = 250, seed: int = 0,
                  progress: bool = False, desc: str = "sampling"):
