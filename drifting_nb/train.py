@@ -20,11 +20,11 @@ from .generator import build_generator, unwrap_model, GENERATOR_PRESETS
 
 # %% auto #0
 __all__ = ['PRESETS', 'TrainConfig', 'toy_presets', 'all_preset_names', 'get_config', 'parse_args', 'resolve_config',
-           'build_dataset', 'sample_shape', 'load_vae', 'make_decode', 'build_model', 'build_phi', 'pretrain_encoder',
-           'list_checkpoints', 'save_checkpoint', 'check_resumable', 'draw_step', 'save_sample_grid', 'train',
-           'evaluate_run_model', 'Run', 'load_run', 'main']
+           'build_dataset', 'sample_shape', 'load_vae', 'make_decode', 'build_model', 'encoder_dir', 'pretrain_encoder',
+           'build_phi', 'list_checkpoints', 'save_checkpoint', 'check_resumable', 'draw_step', 'save_sample_grid',
+           'train', 'evaluate_run_model', 'Run', 'load_run', 'main']
 
-# %% ../nbs/07_train.ipynb #e7a42bfb
+# %% ../nbs/07_train.ipynb #b63a53f4
 @dataclass
 class TrainConfig:
     "Every hyper-parameter of a run. `Nc` is the global number of classes per step (split over processes)."
@@ -44,10 +44,8 @@ class TrainConfig:
     # feature encoder (Sec. 3.4, A.3-A.5)
     encoder: str = "mae"               # mae | none (drift on the raw samples only)
     encoder_path: str = ""             # folder written by save_encoder / train_mae; empty: pretrain one in this run
-    encoder_width: int = 16            # in-run MAE pretraining: base width C
-    mae_steps: int = 0                 # in-run MAE pretraining steps (small presets only)
-    mae_batch: int = 256
-    mae_lr: float = 4e-3
+    mae_preset: str = ""               # small presets: a drifting_nb.train_mae preset pretrained at the start of the run
+    mae_overrides: dict = field(default_factory=dict)   # ... with these MAEConfig overrides
     extra_encoder: str = ""            # e.g. "convnextv2:PATH_OR_NAME" (pixel recipes add ConvNeXt-V2 features)
     feature_set: str = "a-d"           # a-b | a-c | a-d (A.5 ablation)
     # drifting (Table 8)
@@ -86,7 +84,7 @@ class TrainConfig:
     eval_alphas: tuple = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
     seed: int = 0
 
-# %% ../nbs/07_train.ipynb #1e9d939b
+# %% ../nbs/07_train.ipynb #a794c018
 _IMAGENET = dict(num_classes=1000, image_size=256, warmup_steps=10_000, Nunc=32, Nneg=64, alpha_k=5.0,
                  sample_every=5000, ckpt_every=5000, log_every=50, eval_every=0)
 _LATENT = dict(_IMAGENET, dataset="latents", space="latent", vae="stabilityai/sd-vae-ft-ema", channels=3)
@@ -106,21 +104,25 @@ PRESETS: dict[str, dict] = {
     "imagenet-pixel-l16": dict(_PIXEL, generator="L/16", lr=4e-4, weight_decay=0.01, max_steps=100_000,
                                Nc=128, Npos=128, ema_decays=_EMAS),
     # between digits and ImageNet: one GPU
-    "cifar10": dict(dataset="cifar10", image_size=32, channels=3, num_classes=10, generator="S/2", encoder_width=64,
-                    mae_steps=3000, mae_batch=512, Nc=10, Npos=64, Nneg=64, Nunc=16, lr=2e-4, warmup_steps=1000,
+    "cifar10": dict(dataset="cifar10", image_size=32, channels=3, num_classes=10, generator="S/2", mae_preset="latent-256",
+                    mae_overrides=dict(dataset="cifar10", in_channels=3, width=64, steps=3000, batch_size=512,
+                                       warmup_steps=300, num_classes=10, ft_steps=300, ft_ramp_steps=100, num_workers=4),
+                    Nc=10, Npos=64, Nneg=64, Nunc=16, lr=2e-4, warmup_steps=1000,
                     max_steps=50_000, sample_every=1000, ckpt_every=2000, log_every=20, ema_decays=(0.999, 0.9999)),
     # the default: the whole recipe in miniature on scikit-learn's digits (CPU, minutes)
     "digits": dict(generator_kw=dict(patch_size=2, hidden_size=96, depth=4, num_heads=4, num_incontext_tokens=4),
-                   encoder_width=16, mae_steps=300, mae_batch=256, Nc=10, Npos=32, Nneg=24, Nunc=8, lr=1e-3,
+                   mae_preset="digits", Nc=10, Npos=32, Nneg=24, Nunc=8, lr=1e-3,
                    warmup_steps=100, max_steps=1500, sample_every=250, ckpt_every=250, log_every=10,
                    ema_decays=(0.99, 0.999), eval_samples=1000),
     # tiny presets for tests: a generated ImageFolder, in pixel and latent space
     "tiny-pixel": dict(dataset="imagefolder", image_size=16, channels=3, num_classes=3, generator="T/2",
-                       encoder_width=8, mae_steps=5, mae_batch=16, Nc=3, Npos=4, Nneg=4, Nunc=2, queue_per_class=8,
+                       mae_preset="tiny", mae_overrides=dict(dataset="imagefolder", in_channels=3, image_size=16,
+                                                             resolution=0, steps=4, ft_steps=0, num_classes=3), Nc=3, Npos=4, Nneg=4, Nunc=2, queue_per_class=8,
                        queue_global=16, queue_push=8, warmup_steps=2, max_steps=6, log_every=1, sample_every=3,
                        ckpt_every=3, eval_every=0, eval_samples=0),
     "tiny-latent": dict(dataset="latents", space="latent", vae="tiny", image_size=32, channels=3, num_classes=3,
-                        generator="T/2", encoder_width=8, mae_steps=5, mae_batch=16, Nc=3, Npos=4, Nneg=4, Nunc=2,
+                        generator="T/2", mae_preset="tiny", mae_overrides=dict(dataset="latents", resolution=0, steps=4,
+                                                                               ft_steps=0, num_classes=3), Nc=3, Npos=4, Nneg=4, Nunc=2,
                         queue_per_class=8, queue_global=16, queue_push=8, warmup_steps=2, max_steps=6, log_every=1,
                         sample_every=3, ckpt_every=3, eval_every=0, eval_samples=0),
 }
@@ -260,54 +262,58 @@ def build_model(cfg: TrainConfig) -> nn.Module:
         raise ValueError(f"unknown generator {cfg.generator!r}; valid: {', '.join(GENERATOR_PRESETS)}")
     return build_generator(cfg.generator, **{"input_size": H, "in_channels": C, "num_classes": cfg.num_classes, **cfg.generator_kw})
 
-# %% ../nbs/07_train.ipynb #2923f0ff
+# %% ../nbs/07_train.ipynb #6d403fa5
 def _raw_features(x):
     "phi for encoder='none': the raw sample as one vector per sample [n,1,D]."
     return {"raw": x.reshape(x.shape[0], 1, -1)}
 
-def build_phi(cfg: TrainConfig, dataset, accelerator, vae=None):
-    "Frozen feature encoder(s) as phi: [n,*S] -> {key: [n,L,C]}, and the nn.Modules it uses."
+def encoder_dir(cfg: TrainConfig) -> Path:
+    "Where the run's feature encoder lives: --encoder-path, or <output_dir>/encoder for in-run pretraining."
+    return Path(cfg.encoder_path) if cfg.encoder_path else Path(cfg.output_dir) / "encoder"
+
+def pretrain_encoder(cfg: TrainConfig, accelerator) -> Path:
+    """In-run MAE pretraining (small presets): the main process runs `python -m drifting_nb.train_mae` (notebook 04)
+    in a child process of its own, the others wait. Reused when <output_dir>/encoder already holds an encoder, and
+    resumed if it was interrupted."""
+    path = encoder_dir(cfg)
+    if cfg.encoder != "mae" or (path / "encoder.safetensors").is_file(): return path
+    if cfg.encoder_path:
+        raise FileNotFoundError(f"no encoder in {path} (expected encoder.safetensors + encoder.json); pretrain one "
+                                "with `accelerate launch -m drifting_nb.train_mae --preset ...`")
+    if not cfg.mae_preset:
+        raise ValueError(f"preset {cfg.preset!r} needs --encoder-path (a folder written by drifting_nb.train_mae)")
+    if accelerator.is_main_process:
+        import subprocess
+        fmt = lambda v: ",".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v).lower() if isinstance(v, bool) else str(v)
+        cmd = [sys.executable, "-m", "drifting_nb.train_mae", "--preset", cfg.mae_preset, "--output-dir", str(path),
+               "--seed", str(cfg.seed), "--resume"] + (["--data-dir", cfg.data_dir] if cfg.data_dir else [])
+        cmd += [f"{k}={fmt(v)}" for k, v in cfg.mae_overrides.items()]
+        env = {k: v for k, v in os.environ.items()                    # a plain single process, not part of this launch
+               if not k.startswith(("ACCELERATE_", "LOCAL_", "GROUP_", "ROLE_", "TORCHELASTIC_"))
+               and k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+        print(f"pretraining the feature encoder: {' '.join(cmd[1:])}", flush=True)
+        r = subprocess.run(cmd, env=env)
+        if r.returncode != 0: raise RuntimeError(f"MAE pretraining failed (exit code {r.returncode}): {' '.join(cmd)}")
+    accelerator.wait_for_everyone()
+    return path
+
+def build_phi(cfg: TrainConfig, device, vae=None):
+    "The frozen feature encoder(s) as phi: [n,*S] -> {key: [n,L,C]} (Sec. 3.4, A.5)."
     from drifting_nb import features as Fx
-    if cfg.encoder == "none": return _raw_features, []
+    if cfg.encoder == "none": return _raw_features
     if cfg.encoder != "mae": raise ValueError(f"encoder must be 'mae' or 'none', got {cfg.encoder!r}")
-    path = Path(cfg.encoder_path) if cfg.encoder_path else Path(cfg.output_dir) / "encoder"
-    if not (path / "encoder.safetensors").is_file():
-        if cfg.encoder_path:
-            raise FileNotFoundError(f"no encoder in {path} (expected encoder.safetensors + encoder.json); pretrain one "
-                                    "with `accelerate launch -m drifting_nb.train_mae --preset ...`")
-        if cfg.mae_steps <= 0:
-            raise ValueError(f"preset {cfg.preset!r} needs --encoder-path (a folder written by drifting_nb.train_mae)")
-        pretrain_encoder(cfg, dataset, accelerator, path)
-    enc = Fx.load_encoder(path).to(accelerator.device).requires_grad_(False).eval()
+    enc = Fx.load_encoder(encoder_dir(cfg)).to(device).requires_grad_(False).eval()
     phi = functools.partial(Fx.extract_features, enc, feature_set=cfg.feature_set)
-    modules = [enc]
     if cfg.extra_encoder:
         kind, _, where = cfg.extra_encoder.partition(":")
         if kind != "convnextv2": raise ValueError(f"extra_encoder must look like 'convnextv2:NAME_OR_PATH', got {cfg.extra_encoder!r}")
         is_file = Path(where).is_file()
         cnx = Fx.convnextv2_encoder(checkpoint=where if is_file else None, pretrained=not is_file,
-                                    **({} if is_file else {"name": where})).to(accelerator.device).requires_grad_(False).eval()
+                                    **({} if is_file else {"name": where})).to(device).requires_grad_(False).eval()
         pix = functools.partial(Fx.extract_features, cnx, feature_set=cfg.feature_set, include_raw=False, include_input_rms=False)
-        if vae is not None: pix = Fx.with_vae_decoder(pix, vae.vae.to(accelerator.device), vae.scaling_factor)
+        if vae is not None: pix = Fx.with_vae_decoder(pix, vae.vae.to(device), vae.scaling_factor)
         phi = Fx.merge_feature_fns({"mae": phi, "convnext": pix})
-        modules.append(cnx)
-    return phi, modules
-
-def pretrain_encoder(cfg: TrainConfig, dataset, accelerator, path: Path):
-    "In-run MAE pretraining of a small encoder on the training set (the main process trains, the others wait)."
-    from drifting_nb import mae as M
-    if accelerator.is_main_process:
-        C = sample_shape(cfg)[0]
-        kind = "latent" if cfg.space == "latent" else "pixel"
-        enc = M.pretrain_small_mae(dataset, in_channels=C, width=cfg.encoder_width, steps=cfg.mae_steps,
-                                   batch_size=cfg.mae_batch, lr=cfg.mae_lr, seed=cfg.seed, device=accelerator.device,
-                                   progress=True)
-        from drifting_nb.features import save_encoder
-        tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_encoder(enc, tmp, mae_steps=cfg.mae_steps, dataset=cfg.dataset)
-        shutil.rmtree(path, ignore_errors=True); os.replace(tmp, path)
-    accelerator.wait_for_everyone()
+    return phi
 
 # %% ../nbs/07_train.ipynb #2ba1aa91
 def _fingerprint(cfg: TrainConfig) -> dict:
@@ -387,7 +393,7 @@ def draw_step(cfg, n_classes_local: int, queue, gen: torch.Generator, gen_dev: t
     style = None if style is None else style.to(device)
     return labels.to(device), alpha.to(device), pos, unc, w, noise, style
 
-# %% ../nbs/07_train.ipynb #edec710a
+# %% ../nbs/07_train.ipynb #2e460807
 def _mixed_precision(cfg) -> str:
     if cfg.mixed_precision != "auto": return cfg.mixed_precision
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
@@ -424,6 +430,10 @@ def train(cfg: TrainConfig, resume: bool = False, fault_hook=None) -> dict:
     the loss, for tests of the failure paths."""
     out = Path(cfg.output_dir)
     from drifting_nb.latents import process_state                    # a multi-process launch without GPUs runs on gloo
+    if process_state().is_main_process and list_checkpoints(out) and not resume:
+        raise FileExistsError(f"{out} already holds checkpoints (latest {list_checkpoints(out)[-1].name}): pass --resume "
+                              "to continue it, or choose another --output-dir")
+    dataset = build_dataset(cfg)                                     # data errors before anything is written
     accelerator = Accelerator(cpu=process_state().device.type == "cpu", mixed_precision=_mixed_precision(cfg),
                               gradient_accumulation_steps=cfg.grad_accum, log_with="tensorboard", project_dir=str(out))
     rank, world, device, main = accelerator.process_index, accelerator.num_processes, accelerator.device, accelerator.is_main_process
@@ -435,20 +445,17 @@ def train(cfg: TrainConfig, resume: bool = False, fault_hook=None) -> dict:
     if cfg.Npos > cfg.queue_per_class: raise ValueError(f"Npos={cfg.Npos} exceeds the per-class queue of {cfg.queue_per_class}")
     ckpts = list_checkpoints(out)
     if main:
-        if ckpts and not resume:
-            raise FileExistsError(f"{out} already holds checkpoints (latest {ckpts[-1].name}): pass --resume to continue "
-                                  "it, or choose another --output-dir")
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     accelerator.wait_for_everyone()
 
     # data, queue (one per process), model, feature space
     from drifting_nb.data import SampleQueue, InfiniteLoader, fill_queue
-    dataset = build_dataset(cfg)
     S = sample_shape(cfg)
     vae = load_vae(cfg)
     decode = make_decode(cfg, vae)
-    phi, enc_modules = build_phi(cfg, dataset, accelerator, vae)
+    pretrain_encoder(cfg, accelerator)                               # small presets: the MAE of notebook 04, first
+    phi = build_phi(cfg, device, vae)
     set_seed(cfg.seed)                                               # the same initial weights on every process
     model = build_model(cfg)
     queue = SampleQueue(cfg.num_classes, S, cfg.queue_per_class, cfg.queue_global, seed=cfg.seed * 7919 + rank)

@@ -14,6 +14,15 @@ def folder(tmp_path_factory):
     make_fake_imagefolder(root / "train", num_classes=3, per_class=12, size=(24, 20))
     return root
 
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory, folder):
+    "One tiny MAE encoder shared by the tests that are not about pretraining (--encoder-path)."
+    from drifting_nb.train_mae import make_config, train_mae
+    cfg = get_config("tiny-pixel")
+    path = tmp_path_factory.mktemp("enc")
+    train_mae(make_config(cfg.mae_preset, dict(cfg.mae_overrides)), path, data_dir=str(folder), progress=False)
+    return str(path)
+
 def _rows(out):
     return [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines() if l.strip()]
 
@@ -38,25 +47,26 @@ def test_pixel_run_writes_everything_and_samples(folder, tmp_path):
     assert (out / "samples" / "step_00000003.png").is_file() and (out / "ema_0.999.safetensors").is_file()
     assert [p.name for p in list_checkpoints(out)] == ["step_00000003", "step_00000006"]
     assert list((out / "tb").rglob("events.out.tfevents*")), "no TensorBoard log"
+    assert (out / "encoder" / "encoder.safetensors").is_file()           # pretrained in the run (notebook 04)
     run = load_run(out)
     imgs = run.sample(torch.tensor([0, 1, 2]), alpha=1.5)
     assert imgs.shape == (3, 16, 16, 3) and imgs.dtype == torch.uint8
 
-def test_latent_run_with_a_tiny_vae(folder, tmp_path):
+def test_latent_run_with_a_tiny_vae(encoder, folder, tmp_path):
     from drifting_nb.latents import cache_latents
     from drifting_nb.data import tiny_vae
     cache = tmp_path / "latents"
     cache_latents(folder, cache, vae=tiny_vae(), image_size=32, batch_size=8, shard_size=16, num_workers=0, progress=False)
-    cfg = get_config("tiny-latent", data_dir=str(cache), output_dir=str(tmp_path / "run"), max_steps=3)
+    cfg = get_config("tiny-latent", data_dir=str(cache), output_dir=str(tmp_path / "run"), max_steps=3, encoder="none")
     train(cfg)
     imgs = load_run(cfg.output_dir).sample(torch.tensor([2, 0]), alpha=1.0)
     assert imgs.shape == (2, 32, 32, 3)                               # latents decoded to pixels
 
-def test_two_processes(folder, tmp_path):
+def test_two_processes(encoder, folder, tmp_path):
     out = tmp_path / "ddp"
     cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "-m", "drifting_nb.train", "--preset", "tiny-pixel", "--data-dir", str(folder),
-           "--output-dir", str(out), "--Nc", "2", "--max-steps", "3", "--ckpt-every", "3"]
+           "--output-dir", str(out), "--Nc", "2", "--max-steps", "3", "--ckpt-every", "3", "--encoder-path", encoder]
     r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     ck = list_checkpoints(out)[-1]
@@ -64,9 +74,9 @@ def test_two_processes(folder, tmp_path):
     assert json.loads((ck / "meta.json").read_text())["num_processes"] == 2
     assert _rows(out)[-1]["effective_batch"] == 2 * 4
 
-def test_sigkill_then_resume_gives_the_same_losses(folder, tmp_path):
+def test_sigkill_then_resume_gives_the_same_losses(encoder, folder, tmp_path):
     base = [sys.executable, "-m", "drifting_nb.train", "--preset", "tiny-pixel", "--data-dir", str(folder),
-            "--max-steps", "10", "--ckpt-every", "2", "--sample-every", "0"]
+            "--max-steps", "10", "--ckpt-every", "2", "--sample-every", "0", "--encoder-path", encoder]
     ref = tmp_path / "ref"
     subprocess.run(base + ["--output-dir", str(ref)], check=True, env=ENV, capture_output=True, timeout=300)
     out = tmp_path / "killed"
@@ -86,50 +96,51 @@ def test_sigkill_then_resume_gives_the_same_losses(folder, tmp_path):
     assert sorted(b) == list(range(1, 11))
     for s in range(ck + 1, 11): assert a[s] == pytest.approx(b[s], rel=1e-6, abs=1e-7), (s, a[s], b[s])
 
-def test_missing_and_empty_data(tmp_path):
+def test_missing_and_empty_data(encoder, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        train(get_config("tiny-pixel", data_dir=str(tmp_path / "nowhere"), output_dir=str(tmp_path / "r1")))
+        train(get_config("tiny-pixel", encoder_path=encoder, data_dir=str(tmp_path / "nowhere"), output_dir=str(tmp_path / "r1")))
     (tmp_path / "empty" / "train").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="no class folders"):
-        train(get_config("tiny-pixel", data_dir=str(tmp_path / "empty"), output_dir=str(tmp_path / "r2")))
+        train(get_config("tiny-pixel", encoder_path=encoder, data_dir=str(tmp_path / "empty"), output_dir=str(tmp_path / "r2")))
     make_fake_imagefolder(tmp_path / "holes" / "train", num_classes=3, per_class=4, size=(20, 20))
     (tmp_path / "holes" / "train" / "class_without_images").mkdir()
     with pytest.raises(FileNotFoundError, match="class_without_images"):
-        train(get_config("tiny-pixel", data_dir=str(tmp_path / "holes"), output_dir=str(tmp_path / "r3")))
+        train(get_config("tiny-pixel", encoder_path=encoder, data_dir=str(tmp_path / "holes"), output_dir=str(tmp_path / "r3")))
     with pytest.raises(ValueError, match="--data-dir"):
         train(get_config("tiny-pixel", output_dir=str(tmp_path / "r4")))
 
-def test_corrupt_images_are_skipped_and_counted(tmp_path):
+def test_corrupt_images_are_skipped_and_counted(encoder, tmp_path):
     root = tmp_path / "data"
-    files = make_fake_imagefolder(root / "train", num_classes=3, per_class=12, size=(20, 20))
-    for f in files[::9]: Path(f).write_bytes(Path(f).read_bytes()[:40])   # truncated JPEGs
-    cfg = get_config("tiny-pixel", data_dir=str(root), output_dir=str(tmp_path / "run"), max_steps=3)
+    make_fake_imagefolder(root / "train", num_classes=3, per_class=12, size=(20, 20))
+    files = sorted((root / "train").rglob("*.JPEG"))
+    for f in files[::9]: f.write_bytes(f.read_bytes()[:40])             # truncated JPEGs
+    cfg = get_config("tiny-pixel", encoder_path=encoder, data_dir=str(root), output_dir=str(tmp_path / "run"), max_steps=3)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         train(cfg)
     assert any("skipping unreadable image" in str(x.message) for x in w)
     assert _rows(cfg.output_dir)[-1]["skipped_images"] > 0
 
-def test_resume_refuses_another_model(folder, tmp_path):
+def test_resume_refuses_another_model(encoder, folder, tmp_path):
     out = tmp_path / "run"
-    train(get_config("tiny-pixel", data_dir=str(folder), output_dir=str(out), max_steps=3))
+    train(get_config("tiny-pixel", encoder_path=encoder, data_dir=str(folder), output_dir=str(out), max_steps=3))
     with pytest.raises(FileExistsError, match="--resume"):
-        train(get_config("tiny-pixel", data_dir=str(folder), output_dir=str(out), max_steps=4))
+        train(get_config("tiny-pixel", encoder_path=encoder, data_dir=str(folder), output_dir=str(out), max_steps=4))
     with pytest.raises(ValueError, match="generator"):
-        train(get_config("tiny-pixel", data_dir=str(folder), output_dir=str(out), max_steps=6, generator="S/2"), resume=True)
+        train(get_config("tiny-pixel", encoder_path=encoder, data_dir=str(folder), output_dir=str(out), max_steps=6, generator="S/2"), resume=True)
 
-def test_nan_loss_stops_and_keeps_the_last_checkpoint(folder, tmp_path):
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(encoder, folder, tmp_path):
     out = tmp_path / "run"
-    cfg = get_config("tiny-pixel", data_dir=str(folder), output_dir=str(out), ckpt_every=2)
+    cfg = get_config("tiny-pixel", encoder_path=encoder, data_dir=str(folder), output_dir=str(out), ckpt_every=2)
     with pytest.raises(FloatingPointError, match="step 4.*step_00000002"):
         train(cfg, fault_hook=lambda step, loss: loss * float("nan") if step == 4 else loss)
     ck = list_checkpoints(out)
     assert [p.name for p in ck] == ["step_00000002"]
     assert torch.isfinite(torch.cat([v.flatten() for v in load_run(out).model.state_dict().values()])).all()
 
-def test_full_disk_keeps_the_previous_checkpoint(folder, tmp_path, monkeypatch):
+def test_full_disk_keeps_the_previous_checkpoint(encoder, folder, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    cfg = get_config("tiny-pixel", data_dir=str(folder), output_dir=str(out), ckpt_every=2, max_steps=4)
+    cfg = get_config("tiny-pixel", encoder_path=encoder, data_dir=str(folder), output_dir=str(out), ckpt_every=2, max_steps=4)
     real_save = torch.save
     def full_disk(obj, f, *a, **k):
         if "step_00000004" in str(f): raise OSError(errno.ENOSPC, "No space left on device")
@@ -141,5 +152,5 @@ def test_full_disk_keeps_the_previous_checkpoint(folder, tmp_path, monkeypatch):
     assert [p.name for p in list_checkpoints(out)] == ["step_00000002"]
     assert not list((out / "checkpoints").glob(".tmp*"))
     load_run(out)                                                      # the EMA weights still load
-    train(get_config("tiny-pixel", data_dir=str(folder), output_dir=str(out), ckpt_every=2, max_steps=4), resume=True)
+    train(get_config("tiny-pixel", encoder_path=encoder, data_dir=str(folder), output_dir=str(out), ckpt_every=2, max_steps=4), resume=True)
     assert max(_losses(out)) == 4
