@@ -629,7 +629,7 @@ def load_run(run_dir, ema: bool = True, device="cpu", decay=None) -> Run:
     model = model.to(device).eval()
     return Run(model, asdict(cfg), make_decode(cfg, load_vae(cfg)))
 
-# %% ../nbs/07_train.ipynb #c20a3a77
+# %% ../nbs/07_train.ipynb #384829ec
 def main(argv=None):
     preset, overrides, resume = parse_args(argv)
     if preset in PRESETS:
@@ -644,6 +644,6 @@ def main(argv=None):
         return run_toy_job(preset, out, max_steps=max_steps, seed=seed, overrides=typed, resume=resume)
     raise SystemExit(f"unknown preset {preset!r}; valid presets: {', '.join(all_preset_names())}")
 
-# %% ../nbs/07_train.ipynb #f82b1146
+# %% ../nbs/07_train.ipynb #d30e2fb1
 #| eval: false
 if __name__ == "__main__": main()
