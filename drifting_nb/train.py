@@ -84,7 +84,7 @@ class TrainConfig:
     eval_alphas: tuple = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
     seed: int = 0
 
-# %% ../nbs/07_train.ipynb #a794c018
+# %% ../nbs/07_train.ipynb #ea1b683c
 _IMAGENET = dict(num_classes=1000, image_size=256, warmup_steps=10_000, Nunc=32, Nneg=64, alpha_k=5.0,
                  sample_every=5000, ckpt_every=5000, log_every=50, eval_every=0)
 _LATENT = dict(_IMAGENET, dataset="latents", space="latent", vae="stabilityai/sd-vae-ft-ema", channels=3)
@@ -112,8 +112,8 @@ PRESETS: dict[str, dict] = {
     # the default: the whole recipe in miniature on scikit-learn's digits (CPU, minutes)
     "digits": dict(generator_kw=dict(patch_size=2, hidden_size=96, depth=4, num_heads=4, num_incontext_tokens=4),
                    mae_preset="digits", Nc=10, Npos=32, Nneg=24, Nunc=8, lr=1e-3,
-                   warmup_steps=100, max_steps=1500, sample_every=250, ckpt_every=250, log_every=10,
-                   ema_decays=(0.99, 0.999), eval_samples=1000),
+                   warmup_steps=100, max_steps=1000, sample_every=250, ckpt_every=250, log_every=10,
+                   ema_decays=(0.99, 0.995), eval_samples=1000),
     # tiny presets for tests: a generated ImageFolder, in pixel and latent space
     "tiny-pixel": dict(dataset="imagefolder", image_size=16, channels=3, num_classes=3, generator="T/2",
                        mae_preset="tiny", mae_overrides=dict(dataset="imagefolder", in_channels=3, image_size=16,
@@ -393,7 +393,7 @@ def draw_step(cfg, n_classes_local: int, queue, gen: torch.Generator, gen_dev: t
     style = None if style is None else style.to(device)
     return labels.to(device), alpha.to(device), pos, unc, w, noise, style
 
-# %% ../nbs/07_train.ipynb #2e460807
+# %% ../nbs/07_train.ipynb #a62e6ed2
 def _mixed_precision(cfg) -> str:
     if cfg.mixed_precision != "auto": return cfg.mixed_precision
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
@@ -506,7 +506,9 @@ def train(cfg: TrainConfig, resume: bool = False, fault_hook=None) -> dict:
                 labels, alpha, pos, unc, w, noise, style = draw_step(cfg, m_micro, queue, gen, gen_dev, model, device)
                 with accelerator.autocast():
                     x = model(noise, labels.repeat_interleave(cfg.Nneg), alpha.repeat_interleave(cfg.Nneg), style)
-                    loss, info = multi_feature_drifting_loss(phi, x.float().view(m_micro, cfg.Nneg, *S), pos, unc, w, taus=cfg.taus)
+                    # the encoder is frozen and in eval mode: the real samples' features need no graph (joint=False)
+                    loss, info = multi_feature_drifting_loss(phi, x.float().view(m_micro, cfg.Nneg, *S), pos, unc, w,
+                                                             joint=False, taus=cfg.taus)
                 if fault_hook is not None: loss = fault_hook(step + 1, loss)
                 bad = accelerator.reduce(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device), "sum")
                 if bad.item() > 0:

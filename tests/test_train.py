@@ -154,3 +154,16 @@ def test_full_disk_keeps_the_previous_checkpoint(encoder, folder, tmp_path, monk
     load_run(out)                                                      # the EMA weights still load
     train(get_config("tiny-pixel", encoder_path=encoder, data_dir=str(folder), output_dir=str(out), ckpt_every=2, max_steps=4), resume=True)
     assert max(_losses(out)) == 4
+
+def test_default_digits_job_scores_itself(tmp_path):
+    "The no-argument job (digits), cut to a few steps: it pretrains its MAE, trains, sweeps alpha and writes its scores."
+    out = tmp_path / "digits"
+    cmd = [sys.executable, "-m", "drifting_nb.train", "--output-dir", str(out), "--max-steps", "2",
+           "--mae-overrides", "{'steps': 3, 'ft_steps': 0, 'batch_size': 32}", "--eval-samples", "100"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    scores = json.loads((out / "scores.json").read_text())
+    assert set(scores["sweep"]) == {str(a) for a in get_config("digits").eval_alphas}
+    assert 0 <= scores["acc"] <= 1 and scores["fd"] > scores["fd_floor"] > 0
+    assert (out / "cfg_sweep.png").is_file() and (out / "samples_per_class.png").is_file()
+    assert "eval" in _rows(out)[-1]
