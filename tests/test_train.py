@@ -167,3 +167,13 @@ def test_default_digits_job_scores_itself(tmp_path):
     assert 0 <= scores["acc"] <= 1 and scores["fd"] > scores["fd_floor"] > 0
     assert (out / "cfg_sweep.png").is_file() and (out / "samples_per_class.png").is_file()
     assert "eval" in _rows(out)[-1]
+
+def test_gradient_accumulation_splits_the_classes(encoder, folder, tmp_path):
+    "grad_accum=3 runs one class per micro-batch and still makes one optimizer step per step."
+    cfg = get_config("tiny-pixel", encoder_path=encoder, data_dir=str(folder), output_dir=str(tmp_path / "run"),
+                     grad_accum=3, max_steps=2, sample_every=0)
+    train(cfg)
+    rows = _rows(cfg.output_dir)
+    assert [r["step"] for r in rows] == [1, 2] and rows[-1]["effective_batch"] == 3 * 4
+    with pytest.raises(ValueError, match="grad_accum"):
+        train(get_config("tiny-pixel", encoder_path=encoder, data_dir=str(folder), output_dir=str(tmp_path / "r2"), grad_accum=2))
