@@ -84,7 +84,7 @@ class TrainConfig:
     eval_alphas: tuple = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
     seed: int = 0
 
-# %% ../nbs/07_train.ipynb #fa49b621
+# %% ../nbs/07_train.ipynb #43a258fe
 _IMAGENET = dict(num_classes=1000, image_size=256, warmup_steps=10_000, Nunc=32, Nneg=64, alpha_k=5.0,
                  sample_every=5000, ckpt_every=5000, log_every=50, eval_every=0)
 _LATENT = dict(_IMAGENET, dataset="latents", space="latent", vae="stabilityai/sd-vae-ft-ema", channels=3)
@@ -112,8 +112,8 @@ PRESETS: dict[str, dict] = {
     # the default: the whole recipe in miniature on scikit-learn's digits (CPU, minutes)
     "digits": dict(generator_kw=dict(patch_size=2, hidden_size=96, depth=4, num_heads=4, num_incontext_tokens=4),
                    mae_preset="digits", Nc=10, Npos=32, Nneg=24, Nunc=8, lr=1e-3,
-                   warmup_steps=100, max_steps=1000, sample_every=250, ckpt_every=250, log_every=10,
-                   ema_decays=(0.99, 0.995), eval_every=250, eval_samples=1000),
+                   warmup_steps=100, max_steps=800, sample_every=200, ckpt_every=200, log_every=10,
+                   ema_decays=(0.99, 0.995), eval_every=200, eval_samples=1000),
     # tiny presets for tests: a generated ImageFolder, in pixel and latent space
     "tiny-pixel": dict(dataset="imagefolder", image_size=16, channels=3, num_classes=3, generator="T/2",
                        mae_preset="tiny", mae_overrides=dict(dataset="imagefolder", in_channels=3, image_size=16,
