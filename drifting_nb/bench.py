@@ -63,17 +63,19 @@ def matmul_throughput(B, N=64, T=144, D=2048, device="cpu", repeat=3):
     t = _best_time(lambda: (torch.bmm(a, b), torch.bmm(c, e)), device, repeat)
     return 2 * 2 * B * N * T * D / t
 
-# %% ../nbs/10_bench.ipynb #d7874980
+# %% ../nbs/10_bench.ipynb #115c26f3
 IMPLS = {"drifting_nb": batched_loss, "naive": naive_loss}
 
 def measure(impl="drifting_nb", B=256, D=2048, N=64, P=64, M=16, device="cpu", repeat=3, seed=0):
     "Seconds for forward+backward (best of `repeat`) and peak memory beyond the inputs, in MiB."
     device = torch.device(device)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024          # before the inputs exist
     g = torch.Generator(device=device).manual_seed(seed)
     gen = torch.randn(B, N, D, device=device, generator=g).requires_grad_()
-    pos = torch.randn(B, P, D, device=device, generator=g) + 0.1
+    pos = torch.randn(B, P, D, device=device, generator=g).add_(0.1)          # in place: no temporary copies
     neg = torch.randn(B, M, D, device=device, generator=g)
-    w = torch.rand(B, M, device=device, generator=g) * 4
+    w = torch.rand(B, M, device=device, generator=g).mul_(4)
+    n_in = (gen.numel() + pos.numel() + neg.numel()) * 4
     fn = IMPLS[impl]
     def step():
         gen.grad = None
@@ -81,11 +83,10 @@ def measure(impl="drifting_nb", B=256, D=2048, N=64, P=64, M=16, device="cpu", r
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
         t = _best_time(step, device, repeat); peak = torch.cuda.max_memory_allocated() - base
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        t = _best_time(step, device, repeat); peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return {"impl": impl, "B": B, "D": D, "seconds": t, "peak_mib": peak / 2**20,
-            "inputs_mib": (gen.numel() + pos.numel() + neg.numel()) * 4 / 2**20}
+    else:   # the process's peak resident memory, less what it held before the inputs and the inputs themselves
+        t = _best_time(step, device, repeat)
+        peak = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0 - n_in)
+    return {"impl": impl, "B": B, "D": D, "seconds": t, "peak_mib": peak / 2**20, "inputs_mib": n_in / 2**20}
 
 def measure_isolated(**kw):
     "`measure` in a fresh Python process, so the CPU peak memory belongs to this measurement alone."
