@@ -204,7 +204,7 @@ def tiny_vae(seed:int=0, channels=(8, 16, 16, 16)) -> SDVAE:
                         layers_per_block=1, norm_num_groups=4, sample_size=32)
     return SDVAE(vae, name=f"tiny_vae(seed={seed})")
 
-# %% ../nbs/06_data.ipynb #f8c8e549
+# %% ../nbs/06_data.ipynb #00ff68ee
 class SampleQueue:
     "Per-class FIFOs of real samples and one global FIFO for unconditional samples (SPEC 7, A.8)."
     def __init__(self, num_classes:int, sample_shape, per_class:int=128, global_size:int=1000,
@@ -232,7 +232,7 @@ class SampleQueue:
             raise ValueError(f"push expects samples [n,{','.join(map(str, self.sample_shape))}] and n labels, got {tuple(samples.shape)} and {tuple(labels.shape)}")
         if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise ValueError(f"labels must lie in [0, {self.num_classes}), got {labels.min().item()}..{labels.max().item()}")
-        samples, n = samples.detach().to(self.device, self.pos.dtype), len(labels)
+        samples, n = self._store(samples.detach().to(self.device)), len(labels)
         # global FIFO: the last `global_size` of the batch, in order
         k = torch.arange(max(0, n - self.global_size), n)
         slots = (self.unc_pushed + k) % self.global_size
@@ -248,6 +248,14 @@ class SampleQueue:
         slots = (self.pushed[lab] + rank) % self.per_class
         self.pos[lab.to(self.device), slots.to(self.device)] = samples[order.to(self.device)]
         self.pushed += n_c
+
+    def _store(self, x):
+        "To the storage dtype. uint8 storage holds images in [-1,1] that came from 8-bit files exactly, in 1/4 of float32."
+        if self.pos.dtype == torch.uint8: return x.float().add(1).mul(127.5).round_().clamp_(0, 255).to(torch.uint8)
+        return x.to(self.pos.dtype)
+    def _load(self, x):
+        "Back from the storage dtype: uint8 -> float32 in [-1,1]; other dtypes as stored."
+        return x.float().div(127.5).sub(1) if x.dtype == torch.uint8 else x
 
     def ready(self, n_pos:int, n_unc:int=0, labels=None) -> bool:
         "True when every class (or every class in `labels`) holds >= `n_pos` samples and the global FIFO >= `n_unc`."
@@ -266,19 +274,19 @@ class SampleQueue:
         short = sorted(set(labels[self.counts[labels] < n].tolist()))
         if short: raise ValueError(f"class(es) {short[:10]} hold fewer than n={n} samples (counts {self.counts[short[:10]].tolist()}); fill the queue first")
         idx = self._subsets(self.counts[labels], self.per_class, n)       # [L,n]
-        return self.pos[labels[:, None].to(self.device), idx.to(self.device)]
+        return self._load(self.pos[labels[:, None].to(self.device), idx.to(self.device)])
 
     def draw_unc(self, m:int, n:int, return_labels:bool=False):
         "`m` sets of `n` samples of any class from the global FIFO, each without replacement -> [m,n,*S] (and labels [m,n])."
         if self.unc_count < n: raise ValueError(f"the global queue holds {self.unc_count} samples, fewer than n={n}; fill the queue first")
         idx = self._subsets(torch.full((m,), self.unc_count), self.global_size, n)   # [m,n]
-        out = self.unc[idx.to(self.device)]
+        out = self._load(self.unc[idx.to(self.device)])
         return (out, self.unc_labels[idx]) if return_labels else out
 
     def class_samples(self, c:int) -> torch.Tensor:
         "The samples held for class `c`, oldest first -> [count,*S]."
         k = int(self.counts[c])
-        return self.pos[c].roll(-int(self.pushed[c] % self.per_class), 0)[-k:] if k else self.pos[c, :0]
+        return self._load(self.pos[c].roll(-int(self.pushed[c] % self.per_class), 0)[-k:] if k else self.pos[c, :0])
 
     def state_dict(self) -> dict:
         return dict(num_classes=self.num_classes, sample_shape=self.sample_shape, per_class=self.per_class,
@@ -292,7 +300,7 @@ class SampleQueue:
         for k in ("pos", "pushed", "unc", "unc_labels", "unc_pushed"): getattr(self, k).copy_(sd[k])
         self.generator.set_state(sd["generator"])
 
-# %% ../nbs/06_data.ipynb #fdba55c0
+# %% ../nbs/06_data.ipynb #1e783105
 def fill_queue(queue:SampleQueue, batches:Iterator, n_pos:int, n_unc:int=0, max_batches:int|None=None) -> int:
     "Push `(x, y)` batches from `batches` until every class holds `n_pos` samples and the global FIFO `n_unc`."
     if n_pos > queue.per_class or n_unc > queue.global_size:
@@ -309,7 +317,7 @@ def fill_queue(queue:SampleQueue, batches:Iterator, n_pos:int, n_unc:int=0, max_
                            f"(global FIFO {queue.unc_count}/{n_unc}): the data may lack those classes")
     return used
 
-# %% ../nbs/06_data.ipynb #e36fe492
+# %% ../nbs/06_data.ipynb #6d30b78c
 class InfiniteLoader:
     "Endless `(x, y)` batches from `dataset`: a seeded permutation per epoch, resumable via `state_dict()`."
     def __init__(self, dataset:Dataset, batch_size:int, seed:int=0, shuffle:bool=True, rank:int=0, world_size:int=1,
@@ -351,7 +359,7 @@ class InfiniteLoader:
             if sd[k] != getattr(self, k): raise ValueError(f"loader state has {k}={sd[k]}, this loader has {getattr(self, k)}")
         self.epoch, self.batch, self._it = sd["epoch"], sd["batch"], None
 
-# %% ../nbs/06_data.ipynb #fbed3c38
+# %% ../nbs/06_data.ipynb #b118a08d
 class DigitsSplit(NamedTuple):
     "Digits as [n,1,8,8] tensors in [-1,1] with labels, and their indices in `load_digits()` order."
     x_train: torch.Tensor; y_train: torch.Tensor; x_test: torch.Tensor; y_test: torch.Tensor
@@ -371,7 +379,7 @@ def digits_split(held_out:float=0.2, seed:int=0) -> DigitsSplit:
     i_tr, i_te = train_test_split(np.arange(len(y)), test_size=held_out, stratify=d.target, random_state=seed)
     return DigitsSplit(x[i_tr], y[i_tr], x[i_te], y[i_te], i_tr, i_te)
 
-# %% ../nbs/06_data.ipynb #266d1a64
+# %% ../nbs/06_data.ipynb #b0c75fd0
 def cifar10(root, train:bool=True, download:bool=False, hflip:bool=False) -> CIFAR10:
     "torchvision CIFAR-10 from `root` (downloaded there when `download`), images as [3,32,32] in [-1,1]."
     tfm = v2.Compose([*([v2.RandomHorizontalFlip()] if hflip else []), *_to_unit_range()])
