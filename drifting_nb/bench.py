@@ -63,13 +63,21 @@ def matmul_throughput(B, N=64, T=144, D=2048, device="cpu", repeat=3):
     t = _best_time(lambda: (torch.bmm(a, b), torch.bmm(c, e)), device, repeat)
     return 2 * 2 * B * N * T * D / t
 
-# %% ../nbs/10_bench.ipynb #115c26f3
+# %% ../nbs/10_bench.ipynb #4ae7bdf2
 IMPLS = {"drifting_nb": batched_loss, "naive": naive_loss}
+
+def _peak_rss() -> int:
+    "Peak resident memory of this process in bytes: VmHWM (reset by exec, unlike ru_maxrss), else ru_maxrss."
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"): return int(line.split()[1]) * 1024
+    except OSError: pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 def measure(impl="drifting_nb", B=256, D=2048, N=64, P=64, M=16, device="cpu", repeat=3, seed=0):
     "Seconds for forward+backward (best of `repeat`) and peak memory beyond the inputs, in MiB."
     device = torch.device(device)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024          # before the inputs exist
+    rss0 = _peak_rss()                                                        # before the inputs exist
     g = torch.Generator(device=device).manual_seed(seed)
     gen = torch.randn(B, N, D, device=device, generator=g).requires_grad_()
     pos = torch.randn(B, P, D, device=device, generator=g).add_(0.1)          # in place: no temporary copies
@@ -85,7 +93,7 @@ def measure(impl="drifting_nb", B=256, D=2048, N=64, P=64, M=16, device="cpu", r
         t = _best_time(step, device, repeat); peak = torch.cuda.max_memory_allocated() - base
     else:   # the process's peak resident memory, less what it held before the inputs and the inputs themselves
         t = _best_time(step, device, repeat)
-        peak = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0 - n_in)
+        peak = max(0, _peak_rss() - rss0 - n_in)
     return {"impl": impl, "B": B, "D": D, "seconds": t, "peak_mib": peak / 2**20, "inputs_mib": n_in / 2**20}
 
 def measure_isolated(**kw):
