@@ -18,7 +18,7 @@ from .toy import TARGETS, train_toy, plot_snapshot, snapshot_arrows
 # %% auto #0
 __all__ = ['INITS', 'toy_animation', 'save_animation_html', 'ToyPanel']
 
-# %% ../nbs/02_interactive.ipynb #4daec794
+# %% ../nbs/02_interactive.ipynb #9536586b
 def _arrow_segments(grid: np.ndarray, field: np.ndarray, head: float = 0.25):
     "Line-segment coordinates (with None breaks) for arrows from grid [G,2] along field [G,2], with a small V head."
     xs, ys = [], []
@@ -32,12 +32,12 @@ def _arrow_segments(grid: np.ndarray, field: np.ndarray, head: float = 0.25):
 
 def toy_animation(history, arrows: bool = True, max_points: int = 1000, title: str | None = None) -> go.Figure:
     """Plotly figure with one frame per snapshot of a ToyHistory: samples over data with the field as arrows (left),
-    the loss on a log axis up to that step (right); Play/Pause buttons and a step slider."""
+    the raw field's mean(V**2) on a log axis up to that step (right); Play/Pause buttons and a step slider."""
     snaps = history.snapshots
     if not snaps: raise ValueError("the history has no snapshots to animate")
     data = history.data[:max_points].numpy()
     grid = history.grid.numpy()
-    loss = np.asarray(history.loss, dtype=float)
+    loss = np.asarray(history.drift, dtype=float)                  # the raw field's mean(V**2) per step
     first = int(snaps[0]["step"])
     steps = np.arange(first + 1, first + len(loss) + 1)
     lim = float(np.abs(grid).max()) * 1.05
@@ -52,7 +52,7 @@ def toy_animation(history, arrows: bool = True, max_points: int = 1000, title: s
                 go.Scatter(x=steps[k - 1:k] if k else [], y=loss[k - 1:k] if k else [])]
 
     fig = make_subplots(rows=1, cols=2, column_widths=[0.5, 0.5], horizontal_spacing=0.08,
-                        subplot_titles=("samples (orange), data (grey), field V", "loss mean(V²)"))
+                        subplot_titles=("samples (orange), data (grey), field V", "mean V² of the field (log)"))
     fig.add_trace(go.Scatter(x=data[:, 0], y=data[:, 1], mode="markers", name="data",
                              marker=dict(size=3, color="rgb(190,190,190)")), 1, 1)
     t0 = frame_traces(0, snaps[0])
@@ -90,7 +90,7 @@ def save_animation_html(fig_or_history, path, **kw) -> Path:
     fig.write_html(str(path), include_plotlyjs=True, full_html=True, auto_play=False, div_id="toy-animation")
     return path
 
-# %% ../nbs/02_interactive.ipynb #5d07f811
+# %% ../nbs/02_interactive.ipynb #211d35aa
 INITS = {"network default": None, "between the modes": (0.0, 0.0), "far away": (0.0, -1.6), "collapsed on one mode": (0.6, 0.0)}
 
 class ToyPanel:
@@ -126,7 +126,7 @@ class ToyPanel:
 
     def options(self) -> dict:
         "The keyword arguments the controls currently ask `train_fn` for (ToyConfig fields)."
-        return dict(steps=self.steps.value, lr=self.lr.value, schedule="cosine", n_pos=self.n_pos.value,
+        return dict(steps=self.steps.value, lr=self.lr.value, warmup=min(20, self.steps.value // 10), schedule="cosine", n_pos=self.n_pos.value,
                     n_neg=self.n_neg.value, taus=tuple(sorted(self.taus.value)) or (0.05,), normalize=self.normalize.value,
                     pos_mult=self.pos_mult.value, neg_mult=self.neg_mult.value, init_center=INITS[self.init.value],
                     snapshot_every=max(1, self.steps.value // 40), n_snapshot=800, grid=16)
@@ -141,7 +141,7 @@ class ToyPanel:
         t0 = time.perf_counter()
         self.model, self.history = self.train_fn(TARGETS[self.target.value], callback=tick, **opts)
         self.progress.value = opts["steps"]
-        self.status.value = f"done in {time.perf_counter() - t0:.1f} s; final loss {self.history.loss[-1]:.2e}"
+        self.status.value = f"done in {time.perf_counter() - t0:.1f} s; final mean V² {self.history.drift[-1]:.2e}"
         self.slider.max = self.play.max = len(self.history.snapshots) - 1
         if self.slider.value == self.slider.max: self.show(self.slider.max)
         else: self.slider.value = self.slider.max
@@ -156,10 +156,11 @@ class ToyPanel:
             self.out.clear_output(wait=True)
             fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3.6))
             plot_snapshot(a, self.history, i)
-            b.plot(np.arange(1, len(self.history.loss) + 1)[:snap["step"]], self.history.loss[:snap["step"]], c="k", lw=0.8)
-            b.set_yscale("log"); b.set_xlim(0, len(self.history.loss)); b.set_xlabel("step"); b.set_title("loss", fontsize=9)
-            if self.history.loss:
-                pos = [l for l in self.history.loss if l > 0]
+            d = self.history.drift
+            b.plot(np.arange(1, len(d) + 1)[:snap["step"]], d[:snap["step"]], c="k", lw=0.8)
+            b.set_yscale("log"); b.set_xlim(0, len(d)); b.set_xlabel("step"); b.set_title("mean V² of the field", fontsize=9)
+            if d:
+                pos = [l for l in d if l > 0]
                 if pos: b.set_ylim(min(pos) / 2, max(pos) * 2)
             fig.tight_layout(); plt.show()
 
