@@ -526,7 +526,7 @@ def load_toy_model(folder, ema: bool = True) -> ToyMLP:
                            if (k.startswith("ema.module.") if use_ema else not k.startswith("ema."))})
     return model.eval()
 
-# %% ../nbs/01_toy.ipynb #0244ca60
+# %% ../nbs/01_toy.ipynb #a260ed32
 _FAST = dict(steps=1000, lr=1e-2, warmup=20, schedule="cosine", n_pos=1024, n_neg=1024, taus=(0.02, 0.05, 0.2),
              drift_norm=True, eval_every=100, snapshot_every=25)
 TOY_PRESETS: dict[str, dict] = {name: {"target": name, **_FAST} for name in TARGETS}
@@ -566,7 +566,7 @@ def _toy_summary(trainer, out: Path, t_start: float) -> dict:
 
 def run_toy_job(preset: str = "checkerboard", output_dir="drifting_runs/toy", *, max_steps: int | None = None,
                 seed: int = 0, overrides: dict | None = None, resume: bool = False, accelerator=None,
-                log_every: int = 10, checkpoint_every: int = 500, threads: int | None = 1) -> dict:
+                log_every: int = 10, checkpoint_every: int = 500, threads: int | None = None) -> dict:
     """Train the toy preset `preset` (a key of TOY_PRESETS) through Accelerate and write metrics.jsonl, final_samples.png,
     animation.html and checkpoint/ into output_dir. `overrides` change ToyConfig options; `max_steps` caps the steps;
     `resume` continues from output_dir/checkpoint when it exists; `threads` sets torch's CPU threads for the job (None:

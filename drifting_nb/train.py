@@ -24,7 +24,7 @@ __all__ = ['PRESETS', 'TrainConfig', 'toy_presets', 'all_preset_names', 'get_con
            'build_phi', 'list_checkpoints', 'save_checkpoint', 'check_resumable', 'draw_step', 'save_sample_grid',
            'train', 'evaluate_run_model', 'Run', 'load_run', 'main']
 
-# %% ../nbs/07_train.ipynb #e3e3b077
+# %% ../nbs/07_train.ipynb #a630482d
 @dataclass
 class TrainConfig:
     "Every hyper-parameter of a run. `Nc` is the global number of classes per step (split over processes)."
@@ -84,6 +84,7 @@ class TrainConfig:
     eval_samples: int = 1000
     eval_alphas: tuple = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
     seed: int = 0
+    cpu_threads: int = 0               # torch threads per process on CPU; 0: the machine's cores over its processes
 
 # %% ../nbs/07_train.ipynb #794a47b2
 _IMAGENET = dict(num_classes=1000, image_size=256, warmup_steps=10_000, Nunc=32, Nneg=64, alpha_k=5.0,
@@ -397,7 +398,7 @@ def draw_step(cfg, n_classes_local: int, queue, gen: torch.Generator, gen_dev: t
     style = None if style is None else style.to(device)
     return labels.to(device), alpha.to(device), pos, unc, w, noise, style
 
-# %% ../nbs/07_train.ipynb #9baa1f1c
+# %% ../nbs/07_train.ipynb #b8fe9c6a
 def _mixed_precision(cfg) -> str:
     if cfg.mixed_precision != "auto": return cfg.mixed_precision
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
@@ -431,7 +432,14 @@ def save_sample_grid(model, cfg, decode, path: Path, alpha: float, device, n_per
 
 def train(cfg: TrainConfig, resume: bool = False, fault_hook=None) -> dict:
     """Run (or resume) the training described by `cfg`; returns a summary dict. `fault_hook(step, loss)` may replace
-    the loss, for tests of the failure paths."""
+    the loss, for tests of the failure paths. Torch runs on cfg.cpu_threads threads meanwhile (`cpu_threads`)."""
+    from drifting_nb.latents import cpu_threads
+    before = torch.get_num_threads()
+    cpu_threads(cfg.cpu_threads)
+    try: return _train(cfg, resume, fault_hook)
+    finally: torch.set_num_threads(before)
+
+def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None) -> dict:
     out = Path(cfg.output_dir)
     from drifting_nb.latents import process_state                    # a multi-process launch without GPUs runs on gloo
     if process_state().is_main_process and list_checkpoints(out) and not resume:
@@ -501,7 +509,7 @@ def train(cfg: TrainConfig, resume: bool = False, fault_hook=None) -> dict:
         accelerator.init_trackers("tb", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in asdict(cfg).items()})
         print(f"{cfg.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M generator parameters, "
               f"effective batch {cfg.Nc} classes x {cfg.Nneg} = {cfg.Nc * cfg.Nneg} generated samples per step "
-              f"over {world} process(es)")
+              f"over {world} process(es)" + (f", {torch.get_num_threads()} CPU thread(s) each" if device.type == "cpu" else ""))
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not main, desc=cfg.preset, dynamic_ncols=True)
     model.train()
     t_last, summary = time.time(), {}
@@ -639,7 +647,7 @@ def load_run(run_dir, ema: bool = True, device="cpu", decay=None) -> Run:
     model = model.to(device).eval()
     return Run(model, asdict(cfg), make_decode(cfg, load_vae(cfg)))
 
-# %% ../nbs/07_train.ipynb #384829ec
+# %% ../nbs/07_train.ipynb #41da743d
 def main(argv=None):
     preset, overrides, resume = parse_args(argv)
     if preset in PRESETS:
@@ -650,8 +658,10 @@ def main(argv=None):
         out = overrides.pop("output_dir", None) or str(Path("runs") / preset)
         max_steps, seed = overrides.pop("max_steps", None), overrides.pop("seed", 0)
         overrides.pop("data_dir", None)
+        from drifting_nb.latents import cpu_threads
+        threads = cpu_threads(int(overrides.pop("cpu_threads", 0)))      # accelerate launch alone would give 1 thread
         typed = {k: (_parse_value(v, toys[preset].get(k)) if isinstance(v, str) and k in toys[preset] else v) for k, v in overrides.items()}
-        return run_toy_job(preset, out, max_steps=max_steps, seed=seed, overrides=typed, resume=resume)
+        return run_toy_job(preset, out, max_steps=max_steps, seed=seed, overrides=typed, resume=resume, threads=threads)
     raise SystemExit(f"unknown preset {preset!r}; valid presets: {', '.join(all_preset_names())}")
 
 # %% ../nbs/07_train.ipynb #d30e2fb1

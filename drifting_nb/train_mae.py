@@ -16,7 +16,7 @@ from .mae import MAE, CropDataset, mae_loss, random_patch_mask, cls_lambda
 # %% auto #0
 __all__ = ['PRESETS', 'MAEConfig', 'make_config', 'RandomFields', 'make_dataset', 'lr_at', 'train_mae', 'parse_args', 'main']
 
-# %% ../nbs/04b_train_mae.ipynb #0d8931ad
+# %% ../nbs/04b_train_mae.ipynb #be1eba1a
 @dataclass
 class MAEConfig:
     "Every hyper-parameter of an MAE pretraining run (A.3, A.4)."
@@ -59,6 +59,7 @@ class MAEConfig:
     save_every: int = 1000
     keep_checkpoints: int = 2
     log_with: str = "tensorboard"         # "tensorboard" | "none"
+    cpu_threads: int = 0                  # torch threads per process on CPU; 0: the machine's cores over its processes
 
 # %% ../nbs/04b_train_mae.ipynb #e80d8115
 PRESETS = {
@@ -145,7 +146,7 @@ def lr_at(step: int, cfg: MAEConfig, pretrain_steps: int) -> float:
     t = (step - cfg.warmup_steps) / max(1, pretrain_steps - cfg.warmup_steps)
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
 
-# %% ../nbs/04b_train_mae.ipynb #d9a3ab87
+# %% ../nbs/04b_train_mae.ipynb #2ab4c319
 def _param_groups(model, weight_decay):
     decay = [p for p in model.parameters() if p.ndim >= 2]             # conv and linear weights
     rest = [p for p in model.parameters() if p.ndim < 2]               # GroupNorm and biases
@@ -159,7 +160,16 @@ _ARCH_KEYS = ("kind", "width", "blocks", "in_channels", "patch", "num_classes", 
 def train_mae(cfg: MAEConfig, output_dir, data_dir=None, max_steps: int | None = None, seed: int = 0,
               resume: bool = False, preset: str = "", progress: bool = True) -> dict:
     """Pretrain a ResNet encoder as an MAE (A.3), then optionally fine-tune with the class head (A.4).
-    Returns {"step", "history" (logged metrics), "encoder" (folder of the saved EMA encoder)}."""
+    Returns {"step", "history" (logged metrics), "encoder" (folder of the saved EMA encoder)}.
+    Torch runs on cfg.cpu_threads threads meanwhile (`drifting_nb.latents.cpu_threads`)."""
+    from drifting_nb.latents import cpu_threads
+    before = torch.get_num_threads()
+    cpu_threads(cfg.cpu_threads)
+    try: return _train_mae(cfg, output_dir, data_dir, max_steps, seed, resume, preset, progress)
+    finally: torch.set_num_threads(before)
+
+def _train_mae(cfg: MAEConfig, output_dir, data_dir=None, max_steps: int | None = None, seed: int = 0,
+               resume: bool = False, preset: str = "", progress: bool = True) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn

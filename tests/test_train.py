@@ -167,6 +167,17 @@ def test_default_digits_job_scores_itself(tmp_path):
     assert 0 <= scores["acc"] <= 1 and scores["fd"] > scores["fd_floor"] > 0
     assert (out / "cfg_sweep.png").is_file() and (out / "samples_per_class.png").is_file()
     assert "eval" in _rows(out)[-1]
+    # OMP_NUM_THREADS=1 (what `accelerate launch` exports) does not confine a one-process CPU run to one core
+    assert f"{max(1, len(os.sched_getaffinity(0)))} CPU thread(s) each" in r.stdout
+
+def test_cpu_threads_apply_during_the_run_and_are_restored(encoder, folder, tmp_path):
+    seen, before = [], torch.get_num_threads()
+    cfg = get_config("tiny-pixel", encoder_path=encoder, data_dir=str(folder), output_dir=str(tmp_path / "run"),
+                     max_steps=2, sample_every=0, cpu_threads=1)
+    train(cfg, fault_hook=lambda step, loss: seen.append(torch.get_num_threads()) or loss)
+    assert seen == [1, 1] and torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="positive thread count"):
+        train(get_config("tiny-pixel", encoder_path=encoder, data_dir=str(folder), output_dir=str(tmp_path / "r2"), cpu_threads=-2))
 
 def test_gradient_accumulation_splits_the_classes(encoder, folder, tmp_path):
     "grad_accum=3 runs one class per micro-batch and still makes one optimizer step per step."
@@ -177,3 +188,39 @@ def test_gradient_accumulation_splits_the_classes(encoder, folder, tmp_path):
     assert [r["step"] for r in rows] == [1, 2] and rows[-1]["effective_batch"] == 3 * 4
     with pytest.raises(ValueError, match="grad_accum"):
         train(get_config("tiny-pixel", encoder_path=encoder, data_dir=str(folder), output_dir=str(tmp_path / "r2"), grad_accum=2))
+
+def _fake_cifar10(root, per_batch: int = 20):
+    "Random images in torchvision's CIFAR-10 layout (cifar-10-batches-py: five data batches, a test batch, the meta)."
+    import pickle
+    import numpy as np
+    d = Path(root) / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(d / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                         "labels": [i % 10 for i in range(per_batch)]}, f)
+    with open(d / "batches.meta", "wb") as f: pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
+
+def test_cifar10_preset_end_to_end(tmp_path, monkeypatch):
+    """The cifar10 preset at a few steps on a fake CIFAR-10 folder (torchvision's checksums patched out): its MAE
+    settings pretrain an encoder on it, then its generator trains and samples 32x32 RGB images. Narrower encoder and
+    generator than the preset's (widths only), to keep the test quick on a CPU."""
+    import torchvision.datasets.cifar as tv_cifar
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *a, **k: True)
+    root = tmp_path / "cifar"
+    _fake_cifar10(root)
+    from drifting_nb.train_mae import make_config, train_mae
+    base = get_config("cifar10", data_dir=str(root))
+    enc = tmp_path / "enc"
+    short = dict(steps=2, warmup_steps=1, ft_steps=1, ft_ramp_steps=1, batch_size=16, num_workers=0, width=8)
+    train_mae(make_config(base.mae_preset, {**base.mae_overrides, **short}), enc, data_dir=str(root), progress=False)
+    cfg = get_config("cifar10", data_dir=str(root), output_dir=str(tmp_path / "run"), encoder_path=str(enc), max_steps=2,
+                     Npos=4, Nneg=4, Nunc=2, queue_per_class=8, queue_global=16, queue_push=32, warmup_steps=1,
+                     sample_every=2, ckpt_every=2, log_every=1, generator_kw=dict(hidden_size=64, depth=2, num_heads=2))
+    train(cfg)
+    rows = _rows(cfg.output_dir)
+    assert [r["step"] for r in rows] == [1, 2] and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    imgs = load_run(cfg.output_dir).sample(torch.tensor([0, 9]), alpha=1.5)
+    assert imgs.shape == (2, 32, 32, 3) and imgs.dtype == torch.uint8
+    with pytest.raises(ValueError, match="--data-dir"): train(get_config("cifar10", output_dir=str(tmp_path / "r2")))
