@@ -40,7 +40,7 @@ def preset_config(target: str) -> ToyConfig:
     opts = {k: v for k, v in TOY_PRESETS[target].items() if k != "target"}
     return ToyConfig(**opts)
 
-# %% ../nbs/11_toy_bench.ipynb #258d151d
+# %% ../nbs/11_toy_bench.ipynb #7b33ae85
 def run_benchmark(targets=("checkerboard", "swiss-roll"), threshold: float = 1.5, recipe_eval_every: int = 100,
                   preset_eval_every: int = 50, n_eval: int = 4000, seed: int = 0, progress: bool = True) -> list[dict]:
     "Time-to-floor records of the authors' recipe and the package preset on each target (see `time_to_floor`)."
@@ -65,7 +65,7 @@ def format_table(rows: list[dict], threshold: float = 1.5) -> str:
                      f"{reach} | {r['final_ratio']:.2f} | {r['train_time']:.1f} s |")
     return "\n".join(lines)
 
-# %% ../nbs/11_toy_bench.ipynb #d82d1bad
+# %% ../nbs/11_toy_bench.ipynb #941d5098
 def main(argv=None):
     "Command line: python -m drifting_nb.toy_bench [--targets ...] [--threshold 1.5] [--seed 0] [--json FILE]"
     p = argparse.ArgumentParser(prog="python -m drifting_nb.toy_bench", description=__doc__ or "toy benchmark")
@@ -86,6 +86,6 @@ def main(argv=None):
         with open(a.json, "w") as f: json.dump(rows, f, indent=1)
     return rows
 
-# %% ../nbs/11_toy_bench.ipynb #e5a20fcd
+# %% ../nbs/11_toy_bench.ipynb #b53425e2
 #| eval: false
 if __name__ == "__main__": main()
