@@ -526,11 +526,10 @@ def load_toy_model(folder, ema: bool = True) -> ToyMLP:
                            if (k.startswith("ema.module.") if use_ema else not k.startswith("ema."))})
     return model.eval()
 
-# %% ../nbs/01_toy.ipynb #0c5923aa
-_FAST = dict(steps=1000, lr=1e-2, warmup=20, schedule="cosine", n_pos=1024, n_neg=1024, taus=(0.02, 0.05, 0.2),
+# %% ../nbs/01_toy.ipynb #db1ebb23
+_FAST = dict(steps=1500, lr=1e-2, warmup=20, schedule="cosine", n_pos=1024, n_neg=1024, taus=(0.02, 0.05, 0.2),
              drift_norm=True, eval_every=100, snapshot_every=25)
 TOY_PRESETS: dict[str, dict] = {name: {"target": name, **_FAST} for name in TARGETS}
-TOY_PRESETS["checkerboard"]["steps"] = 1500           # 11_toy_bench: 1000 steps end at 1.56-2.15x the floor, 1500 at 1.48-1.72x
 
 def parse_toy_overrides(overrides: dict | None) -> dict:
     """Check override names against ToyConfig and turn command-line strings into the field's type: numbers, booleans,
