@@ -6,8 +6,9 @@
 __all__ = ['FORMAT', 'DTYPES', 'shard_name', 'shard_bounds', 'process_state', 'cpu_threads', 'cache_latents', 'LatentDataset',
            'main']
 
-# %% ../nbs/06b_latents.ipynb #fac2aaed
+# %% ../nbs/06b_latents.ipynb #6a423520
 import os, json, hashlib, argparse, time, math
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from accelerate.utils import gather_object
 
 from .data import SDVAE, SafeImageFolder, adm_transform, resolve_split
 
-# %% ../nbs/06b_latents.ipynb #63ac4b9c
+# %% ../nbs/06b_latents.ipynb #ff5678fd
 FORMAT = "drifting_nb.latents/1"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -50,18 +51,22 @@ def process_state() -> PartialState:
     flag = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     return PartialState(cpu=flag or ("LOCAL_RANK" in os.environ and not torch.accelerator.is_available()))
 
-def cpu_threads(n: int = 0) -> int:
-    """Set torch's CPU threads for this process and return the count. n > 0: n threads. n = 0 (auto): on a machine
-    without accelerator, the cores this process may use divided by the processes launched on this machine
-    (LOCAL_WORLD_SIZE); with an accelerator, torch's setting is left alone."""
-    if int(n) < 0: raise ValueError(f"cpu_threads must be 0 (auto) or a positive thread count, got {n}")
-    n = int(n)
+@contextmanager
+def cpu_threads(n: int | None = 0):
+    """Run the block with torch on n CPU threads, then restore torch's setting; yields the thread count.
+    n > 0: n threads. n = 0 (auto): on a machine without accelerator, the cores this process may use divided by the
+    processes launched on this machine (LOCAL_WORLD_SIZE); with an accelerator, torch's setting. None: torch's setting."""
+    if n is not None and int(n) < 0: raise ValueError(f"cpu_threads must be 0 (auto) or a positive thread count, got {n}")
+    before = torch.get_num_threads()
+    n = int(n) if n is not None else before
     if n == 0:
-        if torch.accelerator.is_available(): return torch.get_num_threads()
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        n = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+        if torch.accelerator.is_available(): n = before
+        else:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            n = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     torch.set_num_threads(n)
-    return n
+    try: yield n
+    finally: torch.set_num_threads(before)
 
 # %% ../nbs/06b_latents.ipynb #7993ed48
 def cache_latents(data, out, vae="stabilityai/sd-vae-ft-ema", image_size:int=256, batch_size:int=64,

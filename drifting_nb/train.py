@@ -398,7 +398,7 @@ def draw_step(cfg, n_classes_local: int, queue, gen: torch.Generator, gen_dev: t
     style = None if style is None else style.to(device)
     return labels.to(device), alpha.to(device), pos, unc, w, noise, style
 
-# %% ../nbs/07_train.ipynb #b8fe9c6a
+# %% ../nbs/07_train.ipynb #f3aec3b2
 def _mixed_precision(cfg) -> str:
     if cfg.mixed_precision != "auto": return cfg.mixed_precision
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
@@ -434,10 +434,7 @@ def train(cfg: TrainConfig, resume: bool = False, fault_hook=None) -> dict:
     """Run (or resume) the training described by `cfg`; returns a summary dict. `fault_hook(step, loss)` may replace
     the loss, for tests of the failure paths. Torch runs on cfg.cpu_threads threads meanwhile (`cpu_threads`)."""
     from drifting_nb.latents import cpu_threads
-    before = torch.get_num_threads()
-    cpu_threads(cfg.cpu_threads)
-    try: return _train(cfg, resume, fault_hook)
-    finally: torch.set_num_threads(before)
+    with cpu_threads(cfg.cpu_threads): return _train(cfg, resume, fault_hook)
 
 def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None) -> dict:
     out = Path(cfg.output_dir)
@@ -647,7 +644,7 @@ def load_run(run_dir, ema: bool = True, device="cpu", decay=None) -> Run:
     model = model.to(device).eval()
     return Run(model, asdict(cfg), make_decode(cfg, load_vae(cfg)))
 
-# %% ../nbs/07_train.ipynb #41da743d
+# %% ../nbs/07_train.ipynb #aeadb6db
 def main(argv=None):
     preset, overrides, resume = parse_args(argv)
     if preset in PRESETS:
@@ -658,10 +655,8 @@ def main(argv=None):
         out = overrides.pop("output_dir", None) or str(Path("runs") / preset)
         max_steps, seed = overrides.pop("max_steps", None), overrides.pop("seed", 0)
         overrides.pop("data_dir", None)
-        from drifting_nb.latents import cpu_threads
-        threads = cpu_threads(int(overrides.pop("cpu_threads", 0)))      # accelerate launch alone would give 1 thread
-        typed = {k: (_parse_value(v, toys[preset].get(k)) if isinstance(v, str) and k in toys[preset] else v) for k, v in overrides.items()}
-        return run_toy_job(preset, out, max_steps=max_steps, seed=seed, overrides=typed, resume=resume, threads=threads)
+        threads = int(overrides.pop("cpu_threads", 0))                  # 0: all cores (accelerate launch alone gives 1)
+        return run_toy_job(preset, out, max_steps=max_steps, seed=seed, overrides=overrides, resume=resume, threads=threads)
     raise SystemExit(f"unknown preset {preset!r}; valid presets: {', '.join(all_preset_names())}")
 
 # %% ../nbs/07_train.ipynb #d30e2fb1

@@ -146,7 +146,7 @@ def lr_at(step: int, cfg: MAEConfig, pretrain_steps: int) -> float:
     t = (step - cfg.warmup_steps) / max(1, pretrain_steps - cfg.warmup_steps)
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
 
-# %% ../nbs/04b_train_mae.ipynb #2ab4c319
+# %% ../nbs/04b_train_mae.ipynb #cc390474
 def _param_groups(model, weight_decay):
     decay = [p for p in model.parameters() if p.ndim >= 2]             # conv and linear weights
     rest = [p for p in model.parameters() if p.ndim < 2]               # GroupNorm and biases
@@ -163,10 +163,7 @@ def train_mae(cfg: MAEConfig, output_dir, data_dir=None, max_steps: int | None =
     Returns {"step", "history" (logged metrics), "encoder" (folder of the saved EMA encoder)}.
     Torch runs on cfg.cpu_threads threads meanwhile (`drifting_nb.latents.cpu_threads`)."""
     from drifting_nb.latents import cpu_threads
-    before = torch.get_num_threads()
-    cpu_threads(cfg.cpu_threads)
-    try: return _train_mae(cfg, output_dir, data_dir, max_steps, seed, resume, preset, progress)
-    finally: torch.set_num_threads(before)
+    with cpu_threads(cfg.cpu_threads): return _train_mae(cfg, output_dir, data_dir, max_steps, seed, resume, preset, progress)
 
 def _train_mae(cfg: MAEConfig, output_dir, data_dir=None, max_steps: int | None = None, seed: int = 0,
                resume: bool = False, preset: str = "", progress: bool = True) -> dict:

@@ -108,7 +108,7 @@ def test_resume_continues_exactly(tmp_path):
     half = ToyTrainer("ring", cfg)
     half.fit(8)
     save_toy_checkpoint(half, tmp_path / "ck")
-    assert not list((tmp_path / "ck").glob(".*tmp"))            # atomic writes leave no temporary files
+    assert not list((tmp_path / "ck").glob("*tmp*"))            # atomic writes leave no temporary files
     resumed = load_toy_checkpoint(tmp_path / "ck", "ring")
     assert resumed.step_count == 8
     resumed.fit()
@@ -157,3 +157,17 @@ def test_run_toy_job_refuses_unknown_names(tmp_path):
         run_toy_job("checkerboard", tmp_path, overrides={"temperature": 0.1})
     with pytest.raises(ValueError, match="choose from"):
         run_toy_job("spiral", tmp_path)
+
+
+def test_command_line_toy_preset_parses_its_options(tmp_path):
+    "`accelerate launch -m drifting_nb.train --preset NAME --KEY VALUE`: strings become ToyConfig values, once."
+    from drifting_nb.train import main
+    before = torch.get_num_threads()
+    s = main(["--preset", "swiss-roll", "--output-dir", str(tmp_path), "--max-steps", "6", "--n_pos", "32",
+              "--n_neg", "32", "--hidden", "16", "--taus", "0.05,0.2", "--drift_norm", "false", "--n_eval", "100",
+              "--snapshot_every", "3", "--cpu-threads", "1"])
+    assert s["steps"] == 6 and torch.get_num_threads() == before
+    cfg = json.loads((tmp_path / "checkpoint" / "checkpoint.json").read_text())["config"]
+    assert (cfg["n_pos"], cfg["hidden"], cfg["taus"], cfg["drift_norm"]) == (32, 16, [0.05, 0.2], False)
+    with pytest.raises(ValueError, match="not a valid int"):
+        main(["--preset", "swiss-roll", "--output-dir", str(tmp_path / "b"), "--n_pos", "many"])
