@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['HUB_REPO', 'RELEASED', 'read_msgpack', 'flatten', 'resolve_artifact', 'read_artifact']
+__all__ = ['HUB_REPO', 'RELEASED', 'read_msgpack', 'flatten', 'resolve_artifact', 'read_artifact', 'generator_kwargs',
+           'generator_state_dict', 'load_state', 'load_generator', 'release_parity']
 
 # %% ../nbs/12_release.ipynb #aad79ee3
 HUB_REPO = "Goodeat/drifting"
@@ -105,3 +106,118 @@ def read_artifact(path_or_name, kind: str | None = None, cache_dir=None) -> tupl
     if not isinstance(meta.get("model_config"), dict):
         raise ValueError(f"{folder / 'metadata.json'} has no model_config: the network cannot be rebuilt")
     return meta, flatten(read_msgpack(folder / "ema_params.msgpack")), folder
+
+# %% ../nbs/12_release.ipynb #44e9d038
+from .generator import DiT
+
+_GEN_DEFAULTS = dict(num_classes=1001, noise_classes=0, noise_coords=1, input_size=32, in_channels=3, n_cls_tokens=0,
+                     patch_size=2, hidden_size=1152, depth=28, num_heads=16, mlp_ratio=4.0, out_channels=3,
+                     use_qknorm=False, use_swiglu=False, use_rope=False, use_rmsnorm=False, use_bf16=False,
+                     attn_fp32=True, use_remat=False)   # DitGen's own defaults, for keys a config leaves out
+_RUN_ONLY = ("use_bf16", "use_remat")                  # how it was run, not what it is
+
+def generator_kwargs(model_config: dict) -> dict:
+    "The release's generator `model_config` -> `DiT(**kwargs)`. Unknown options are a ValueError naming them."
+    unknown = set(model_config) - set(_GEN_DEFAULTS) - {"cond_dim"}
+    if unknown: raise ValueError(f"generator model_config option(s) {sorted(unknown)} are not supported by drifting_nb")
+    if "cond_dim" not in model_config: raise ValueError("generator model_config has no cond_dim")
+    m = {**_GEN_DEFAULTS, **model_config}
+    style = int(m["noise_coords"]) if m["noise_classes"] > 0 else 0
+    return dict(input_size=m["input_size"], patch_size=m["patch_size"], in_channels=m["in_channels"],
+                out_channels=m["out_channels"], hidden_size=m["hidden_size"], cond_dim=m["cond_dim"], depth=m["depth"],
+                num_heads=m["num_heads"], mlp_ratio=m["mlp_ratio"], num_classes=m["num_classes"],
+                num_incontext_tokens=m["n_cls_tokens"], num_style_tokens=style, style_codebook_size=m["noise_classes"],
+                qk_norm=m["use_qknorm"], attn_fp32=m["attn_fp32"], swiglu=m["use_swiglu"], rmsnorm=m["use_rmsnorm"],
+                rope=m["use_rope"])
+
+# %% ../nbs/12_release.ipynb #0bbe09e9
+def _linear(flat, key, out, name):
+    out[f"{name}.weight"] = flat.pop(f"{key}/Dense_0/kernel").T
+    out[f"{name}.bias"] = flat.pop(f"{key}/Dense_0/bias")
+
+def _norm(flat, key, out, name, rmsnorm):
+    if rmsnorm: out[f"{name}.weight"] = flat.pop(f"{key}/weight")
+    else: out[f"{name}.weight"], out[f"{name}.bias"] = flat.pop(f"{key}/scale"), flat.pop(f"{key}/bias")
+
+def generator_state_dict(flat: dict, kw: dict) -> dict[str, np.ndarray]:
+    """Flat release parameters {'LightningDiT_0/blocks_0/...': array} -> `DiT(**kw)` state_dict (numpy).
+    Leftover release parameters are a ValueError naming them; missing ones a KeyError naming them."""
+    flat, sd = dict(flat), {}
+    try:
+        sd["class_embed.weight"] = flat.pop("Embed_0/embedding")
+        if kw["num_style_tokens"]:
+            sd["style_embed.weight"] = np.stack([flat.pop(f"noise_embeds_{i}/embedding") for i in range(kw["num_style_tokens"])])
+        _linear(flat, "TimestepEmbedder_0/TorchLinear_0", sd, "alpha_embed.mlp.0")
+        _linear(flat, "TimestepEmbedder_0/TorchLinear_1", sd, "alpha_embed.mlp.2")
+        sd["alpha_embed.norm.weight"] = flat.pop("RMSNorm_0/weight")
+        r = "LightningDiT_0"
+        _linear(flat, f"{r}/TorchLinear_0", sd, "patch_embed")
+        sd["pos_embed"] = flat.pop(f"{r}/pos_embed")[0]
+        if kw["num_incontext_tokens"]:
+            _linear(flat, f"{r}/TorchLinear_1", sd, "incontext_proj")
+            sd["incontext_pos"] = flat.pop(f"{r}/cls_embed")[0]
+        rms = kw["rmsnorm"]
+        for i in range(kw["depth"]):
+            b, t = f"{r}/blocks_{i}", f"blocks.{i}"
+            _linear(flat, f"{b}/Attention_0/TorchLinear_0", sd, f"{t}.attn.qkv")
+            _linear(flat, f"{b}/Attention_0/TorchLinear_1", sd, f"{t}.attn.proj")
+            if kw["qk_norm"]:
+                _norm(flat, f"{b}/Attention_0/q_norm", sd, f"{t}.attn.q_norm", rms)
+                _norm(flat, f"{b}/Attention_0/k_norm", sd, f"{t}.attn.k_norm", rms)
+            if rms:
+                sd[f"{t}.norm1.weight"], sd[f"{t}.norm2.weight"] = flat.pop(f"{b}/RMSNorm_0/weight"), flat.pop(f"{b}/RMSNorm_1/weight")
+            if kw["swiglu"]:
+                m, w = f"{b}/SwiGLUFFN_0", {}
+                for j in range(3): _linear(flat, f"{m}/TorchLinear_{j}", w, str(j))
+                sd[f"{t}.mlp.w1.weight"] = np.concatenate([w["0.weight"], w["1.weight"]])   # gate (w1), value (w3)
+                sd[f"{t}.mlp.w1.bias"] = np.concatenate([w["0.bias"], w["1.bias"]])
+                sd[f"{t}.mlp.w2.weight"], sd[f"{t}.mlp.w2.bias"] = w["2.weight"], w["2.bias"]
+            else:
+                _linear(flat, f"{b}/StandardMLP_0/TorchLinear_0", sd, f"{t}.mlp.fc1")
+                _linear(flat, f"{b}/StandardMLP_0/TorchLinear_1", sd, f"{t}.mlp.fc2")
+            _linear(flat, f"{b}/TorchLinear_0", sd, f"{t}.adaLN_modulation.1")
+        f = f"{r}/FinalLayer_0"
+        if rms: sd["final_layer.norm.weight"] = flat.pop(f"{f}/RMSNorm_0/weight")
+        _linear(flat, f"{f}/TorchLinear_0", sd, "final_layer.adaLN_modulation.1")
+        _linear(flat, f"{f}/TorchLinear_1", sd, "final_layer.linear")
+    except KeyError as e:
+        raise KeyError(f"the release parameters lack {e.args[0]!r}, which this model_config needs") from None
+    if flat: raise ValueError(f"release parameters the model_config does not explain: {sorted(flat)[:5]}")
+    return sd
+
+# %% ../nbs/12_release.ipynb #340af0f6
+def load_state(model: torch.nn.Module, sd: dict, what: str) -> torch.nn.Module:
+    "Copy numpy arrays `sd` into `model` (float32), checking every name and shape; errors name the parameter."
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    if missing: raise ValueError(f"{what}: no weights for {missing[:5]}")
+    for k, v in sd.items():
+        if k not in own: raise ValueError(f"{what}: unexpected parameter {k}")
+        if tuple(own[k].shape) != tuple(v.shape):
+            raise ValueError(f"{what}: parameter {k} has shape {tuple(v.shape)}, the config expects {tuple(own[k].shape)}")
+    model.load_state_dict({k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in sd.items()})
+    return model
+
+def load_generator(path_or_name, device=None, cache_dir=None) -> DiT:
+    """A released generator (folder or name, see `resolve_artifact`) as drifting_nb's `DiT`, in eval mode.
+    Call it as `model(noise [B,C,H,W], labels [B], alpha [B], style [B, noise_coords])`."""
+    meta, flat, folder = read_artifact(path_or_name, "gen", cache_dir)
+    kw = generator_kwargs(meta["model_config"])
+    with torch.device("meta"): model = DiT(**kw)
+    model = model.to_empty(device="cpu")
+    load_state(model, generator_state_dict(flat, kw), str(folder))
+    if hasattr(model, "rope_cos"):                                   # buffers are not in the state dict: rebuild
+        fresh = DiT(**{**kw, "depth": 0})
+        model.rope_cos, model.rope_sin = fresh.rope_cos, fresh.rope_sin
+    return model.to(device or "cpu").eval()
+
+# %% ../nbs/12_release.ipynb #6dc4d5e7
+def release_parity(folder) -> float:
+    "max|ours - theirs| / max|theirs| of a generator fixture folder (artifact + io.npz written by the release's code)."
+    io = np.load(Path(folder) / "io.npz")
+    model = load_generator(folder)
+    with torch.no_grad():
+        out = model(torch.from_numpy(io["x"]).permute(0, 3, 1, 2), torch.from_numpy(io["c"]).long(),
+                    torch.from_numpy(io["cfg_scale"]), torch.from_numpy(io["noise_labels"]).long())
+    theirs = io["out"].transpose(0, 3, 1, 2)
+    return float(np.abs(out.numpy() - theirs).max() / np.abs(theirs).max())

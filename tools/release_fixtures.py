@@ -85,5 +85,25 @@ def main(release: str, out: str):
         print(name, len(feats), "keys", list(feats)[:6], "...")
 
 
+def param_counts(release: str, out: str):
+    "Exact parameter counts of the released generator configs (configs/gen/*.yaml, 1000 classes), from shapes only."
+    import jax, yaml
+    from models.generator import build_generator_from_config
+    names = {"latent_sota_B": "B/2", "latent_sota_L": "L/2", "pixel_sota_B": "B/16", "pixel_sota_L": "L/16"}
+    counts = {}
+    for stem, preset in names.items():
+        cfg = yaml.safe_load((Path(release) / "configs" / "gen" / f"{stem}.yaml").read_text())["model"]
+        model = build_generator_from_config({**cfg, "num_classes": 1000, "use_bf16": False})
+        S = cfg["input_size"]
+        args = (np.zeros((1, S, S, cfg["in_channels"]), np.float32), np.zeros(1, np.int32), np.ones(1, np.float32),
+                np.zeros((1, cfg["noise_coords"]), np.int32))
+        fwd = lambda m, x, c, s, nl: m.generate_image(x, m.c_cfg_noise_to_cond(c, s, nl))
+        shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args, method=fwd))
+        counts[preset] = int(sum(np.prod(a.shape) for a in jax.tree.leaves(shapes)))
+        print(preset, stem, counts[preset])
+    (Path(out) / "param_counts.json").write_text(json.dumps(counts, indent=1))
+
+
 if __name__ == "__main__":
     main(*sys.argv[1:3])
+    param_counts(*sys.argv[1:3])
