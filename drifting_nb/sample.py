@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['balanced_labels', 'make_labels', 'run_device', 'iter_samples', 'generate', 'save_npz', 'grid_nrow', 'save_grid',
-           'load_run', 'default_device', 'sample_parser', 'main']
+           'load_run', 'open_run', 'default_device', 'sample_parser', 'main']
 
 # %% ../nbs/08b_sample.ipynb #ccac3b17
 def balanced_labels(n: int, num_classes: int) -> Tensor:
@@ -123,13 +123,23 @@ def load_run(run_dir, ema: bool = True, device="cpu", decay: float | None = None
         raise ImportError(f"sampling needs drifting_nb.train.load_run, which could not be imported: {e}") from e
     return _load(run_dir, ema=ema, device=device, **({} if decay is None else {"decay": decay}))
 
+def open_run(args, device):
+    "The run that `--run` or `--release` (with `--vae`) names, for the sample and evaluate commands."
+    if getattr(args, "release", None):
+        from drifting_nb.release import RELEASE_VAE, load_release_run
+        return load_release_run(args.release, vae=args.vae or RELEASE_VAE, device=device)
+    return load_run(args.run, ema=not args.no_ema, device=device, decay=args.ema_decay)
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 def sample_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m drifting_nb.sample",
                                 description="Draw class-conditional samples from a drifting run (1 NFE per batch).")
-    p.add_argument("--run", required=True, help="training run folder (holds config.json and the weights)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="training run folder (holds config.json and the weights)")
+    src.add_argument("--release", help="a released model of the authors (name such as latent_L_sota, or its artifact folder)")
+    p.add_argument("--vae", default=None, help="with --release: SD-VAE hub id or local folder (default stabilityai/sd-vae-ft-mse)")
     p.add_argument("--num-samples", type=int, required=True, help="how many samples")
     p.add_argument("--alpha", type=float, default=1.0, help="CFG scale alpha (Sec. 3.5); 1 = no guidance")
     p.add_argument("--labels", type=int, nargs="*", default=None,
@@ -150,7 +160,7 @@ def main(argv=None):
     if out.suffix.lower() not in (".npz", ".png"):
         raise SystemExit(f"--out must end in .npz or .png, got {out.name}")
     if args.num_samples < 1: raise SystemExit(f"--num-samples must be positive, got {args.num_samples}")
-    run = load_run(args.run, ema=not args.no_ema, device=args.device or default_device(), decay=args.ema_decay)
+    run = open_run(args, args.device or default_device())
     labels = make_labels(args.num_samples, run.num_classes, args.labels)
     samples, labels = generate(run, labels, args.alpha, args.batch_size, args.seed, progress=True)
     if out.suffix.lower() == ".png":

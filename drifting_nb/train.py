@@ -41,6 +41,7 @@ class TrainConfig:
     # generator (Sec. 5)
     generator: str = "digits"          # a preset of drifting_nb.generator (B/2, L/2, B/16, L/16, S/2, T/2, digits)
     generator_kw: dict = field(default_factory=dict)   # overrides of the generator preset, e.g. {"depth": 6}
+    init_from: str = ""                # start from a released generator's weights (name such as latent_B_sota, or folder)
     # feature encoder (Sec. 3.4, A.3-A.5)
     encoder: str = "mae"               # mae | none (drift on the raw samples only)
     encoder_path: str = ""             # folder written by save_encoder / train_mae; empty: pretrain one in this run
@@ -467,6 +468,9 @@ def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None) -> dict:
     phi = build_phi(cfg, device, vae)
     set_seed(cfg.seed)                                               # the same initial weights on every process
     model = build_model(cfg)
+    if cfg.init_from:                                                # the authors' released weights as the start
+        from drifting_nb.release import init_from_release
+        init_from_release(model, cfg.init_from)
     if cfg.queue_dtype not in ("float32", "bfloat16", "uint8"):
         raise ValueError(f"queue_dtype must be float32, bfloat16 or uint8, got {cfg.queue_dtype!r}")
     if cfg.queue_dtype == "uint8" and cfg.space != "pixel": raise ValueError("queue_dtype='uint8' holds 8-bit images, not latents")

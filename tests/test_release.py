@@ -91,3 +91,39 @@ def test_release_configs_translate():
     with torch.device("meta"): m = DiT(**kw)
     assert sum(p.numel() for p in m.parameters()) == count_params("L/2") == \
         json.loads((FIX / "param_counts.json").read_text())["L/2"]
+
+
+def test_sample_and_evaluate_commands_take_a_release(tmp_path):
+    from drifting_nb import evaluate as ev, sample as sample_mod
+    import test_evaluate                                          # registers the tiny 'test-tiny' feature extractor
+    from drifting_nb.data import tiny_vae
+    png = tmp_path / "grid.png"
+    sample_mod.main(["--release", str(FIX / "gen_pixel"), "--num-samples", "7", "--batch-size", "4", "--device", "cpu",
+                     "--out", str(png)])
+    assert png.is_file()
+    tiny_vae().save_pretrained(tmp_path / "vae")                   # the real SD-VAE is a download: a local stand-in
+    out = sample_mod.main(["--release", str(FIX / "gen_latent"), "--vae", str(tmp_path / "vae"), "--num-samples", "3",
+                           "--device", "cpu", "--out", str(tmp_path / "s.npz")])
+    assert np.load(out)["samples"].shape == (3, 64, 64, 3)
+    imgs = (np.random.default_rng(0).random((40, 32, 32, 3)) * 255).astype(np.uint8)
+    np.savez(tmp_path / "real.npz", arr_0=imgs)
+    ref = tmp_path / "ref.npz"
+    ev.main(["--make-ref-stats", str(tmp_path / "real.npz"), "--out", str(ref), "--feature-extractor", "test-tiny"])
+    res = ev.main(["--release", str(FIX / "gen_pixel"), "--ref-stats", str(ref), "--num-samples", "12", "--alpha", "1", "2",
+                   "--sweep-num-samples", "12", "--feature-extractor", "test-tiny", "--device", "cpu", "--no-prc"])
+    assert res["run"] == str(FIX / "gen_pixel") and res["best"]["alpha"] in (1.0, 2.0) and res["best"]["fid"] > 0
+    with pytest.raises(SystemExit):                                # --run and --release exclude each other
+        sample_mod.main(["--release", "x", "--run", "y", "--num-samples", "1", "--out", str(png)])
+
+
+def test_training_starts_from_released_weights():
+    from drifting_nb.release import init_from_release
+    from drifting_nb.train import build_model, get_config
+    plain = dict(patch_size=4, hidden_size=32, depth=1, num_heads=2, num_incontext_tokens=0, num_style_tokens=0)
+    cfg = get_config("tiny-latent", image_size=64, num_classes=6, generator="T/2", generator_kw=plain,
+                     init_from=str(FIX / "gen_plain"))
+    model = init_from_release(build_model(cfg), cfg.init_from)                  # what train() does with --init-from
+    ref = load_generator(FIX / "gen_plain")
+    for k, v in ref.state_dict().items(): assert torch.equal(model.state_dict()[k], v), k
+    with pytest.raises(ValueError, match="hidden_size"):                        # T/2 as it is: not the release's shape
+        init_from_release(build_model(get_config("tiny-latent", image_size=64, num_classes=6)), cfg.init_from)
