@@ -252,7 +252,7 @@ def load_release_run(path_or_name, vae=RELEASE_VAE, device=None, cache_dir=None)
         sdvae = vae if isinstance(vae, SDVAE) else SDVAE.from_pretrained(vae)
     return ReleasedRun(model, meta, sdvae, str(path_or_name))
 
-# %% ../nbs/12_release.ipynb #9d502388
+# %% ../nbs/12_release.ipynb #7901c91b
 _RUNTIME_KEYS = ("attn_fp32",)                         # a precision choice: may differ between the release and a run
 
 def init_from_release(model: DiT, path_or_name, cache_dir=None) -> DiT:
@@ -263,7 +263,8 @@ def init_from_release(model: DiT, path_or_name, cache_dir=None) -> DiT:
     ours = {**{k: v.default for k, v in inspect.signature(DiT).parameters.items()}, **model.config}
     ours["out_channels"] = ours["out_channels"] or ours["in_channels"]
     ours["cond_dim"] = ours["cond_dim"] or ours["hidden_size"]
-    diff = {k: (v, ours.get(k)) for k, v in kw.items() if k not in _RUNTIME_KEYS and ours.get(k) != v}
+    skip = _RUNTIME_KEYS + (("style_codebook_size",) if kw["num_style_tokens"] == ours["num_style_tokens"] == 0 else ())
+    diff = {k: (v, ours.get(k)) for k, v in kw.items() if k not in skip and ours.get(k) != v}
     if diff:
         raise ValueError(f"--init-from {path_or_name}: the released generator differs from this run's in "
                          + ", ".join(f"{k} (release {a}, run {b})" for k, (a, b) in diff.items()))
