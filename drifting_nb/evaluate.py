@@ -111,7 +111,8 @@ def train_digits_classifier(x, y, seed: int = 0, steps: int = 400, batch_size: i
     key = h.hexdigest()[:16]
     if key in _CLASSIFIERS: return _CLASSIFIERS[key]
     path = Path(cache or cache_dir()) / f"digits_classifier-{key}.safetensors"
-    with torch.random.fork_rng(devices=[]):                 # leave the caller's RNG stream untouched
+    # leave the caller's RNG stream untouched; train even when called under torch.no_grad (a scorer made lazily)
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(seed)
         net = DigitsClassifier(num_classes=num_classes)
         if use_cache and path.exists():

@@ -271,3 +271,11 @@ def test_sample_and_evaluate_a_trained_tiny_run(tmp_path):
                    "--feature-extractor", "test-tiny", "--device", "cpu", "--batch-size", "6"])
     assert res["best"]["num_samples"] == 12 and res["best"]["precision"] is not None
     assert res["best"]["alpha"] == min(res["sweep"], key=lambda s: s["fid"])["alpha"]
+
+
+def test_digits_classifier_trains_inside_no_grad(split, tmp_path):
+    "The training job builds its scorer lazily inside a no-grad evaluation: a fresh machine has no cached classifier."
+    from drifting_nb.evaluate import train_digits_classifier
+    with torch.no_grad():
+        net = train_digits_classifier(split.x_train, split.y_train, steps=5, cache=tmp_path, use_cache=False)
+    assert not net.training

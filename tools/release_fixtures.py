@@ -104,6 +104,15 @@ def param_counts(release: str, out: str):
     (Path(out) / "param_counts.json").write_text(json.dumps(counts, indent=1))
 
 
+def configs(release: str, out: str):
+    "The released training configs (configs/gen/*.yaml, configs/mae/*.yaml) as JSON: the recipes' numbers of record."
+    import yaml
+    cfgs = {f"{kind}/{f.stem}": yaml.safe_load(f.read_text())
+            for kind in ("gen", "mae") for f in sorted((Path(release) / "configs" / kind).glob("*.yaml"))}
+    (Path(out) / "configs.json").write_text(json.dumps(cfgs, indent=1))
+
+
 if __name__ == "__main__":
     main(*sys.argv[1:3])
     param_counts(*sys.argv[1:3])
+    configs(*sys.argv[1:3])
