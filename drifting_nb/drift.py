@@ -7,9 +7,8 @@ from __future__ import annotations
 import functools, math
 from contextlib import nullcontext
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, distributed
 
 # %% auto #0
 __all__ = ['NORMALIZATIONS', 'MIN_D2', 'MIN_SCALE', 'sq_norms', 'pairwise_dist', 'mean_shift', 'compute_V', 'drifting_loss',
@@ -136,9 +135,9 @@ def _as_weight(w, B: int, M: int, like: Tensor) -> Tensor:
 
 def _all_reduce(t: Tensor) -> Tensor:
     "Sum t over all processes in place (torch.distributed, default group)."
-    if not (dist.is_available() and dist.is_initialized()):
+    if not (distributed.is_available() and distributed.is_initialized()):
         raise RuntimeError("global_batch=True needs torch.distributed initialised (accelerate launch, torchrun)")
-    dist.all_reduce(t)
+    distributed.all_reduce(t)
     return t
 
 MIN_D2, MIN_SCALE = 1e-8, 1e-3     # as released: floors of the squared distances, of S and of the feature scale
