@@ -169,7 +169,9 @@ def multi_feature_drifting_loss(phi: Callable[[Tensor], dict], gen: Tensor, pos:
     gen [Nc,Nneg,*S] generated samples (with grad), pos [Nc,Npos,*S] same-class reals, unc [Nc,Nunc,*S] reals of
     random classes (CFG negatives) weighted by unc_weight (float or [Nc], w from alpha). phi: [n,*S] ->
     {key: [n,L,C]}. Each feature is Nc*L independent problems. Returns (loss, info): info[key] is the feature's loss,
-    info['drift/'+key] its raw RMS drift in normalised units (mean over taus), the measure that falls as q nears p."""
+    info['drift/'+key] its raw RMS drift in normalised units (mean over taus), the measure that falls as q nears p.
+    drift_kw go to `feature_drifting_loss`: taus, ..., global_batch=True to normalise each feature over the problems
+    of all processes (the release's global batch) when several share the batch."""
     Nc, Nneg, S = gen.shape[0], gen.shape[1], gen.shape[2:]
     if pos.dim() < 3 or pos.shape[0] != Nc or pos.shape[2:] != S:
         raise ValueError(f"pos {tuple(pos.shape)} must be [Nc={Nc}, Npos, *{tuple(S)}] like gen {tuple(gen.shape)}")

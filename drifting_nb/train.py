@@ -525,7 +525,7 @@ def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None) -> dict:
                     x = model(noise, labels.repeat_interleave(cfg.Nneg), alpha.repeat_interleave(cfg.Nneg), style)
                     # the encoder is frozen and in eval mode: the real samples' features need no graph (joint=False)
                     loss, info = multi_feature_drifting_loss(phi, x.float().view(m_micro, cfg.Nneg, *S), pos, unc, w,
-                                                             joint=False, taus=cfg.taus)
+                                                             joint=False, taus=cfg.taus, global_batch=world > 1)
                 if fault_hook is not None: loss = fault_hook(step + 1, loss)
                 bad = accelerator.reduce(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device), "sum")
                 if bad.item() > 0:
