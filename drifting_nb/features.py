@@ -14,11 +14,11 @@ from torch import Tensor
 from .drift import feature_drifting_loss
 
 # %% auto #0
-__all__ = ['ARCH', 'ENCODER_KINDS', 'FEATURE_SETS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'gn_groups', 'group_norm', 'BasicBlock',
-           'ResNetEncoder', 'build_encoder', 'map_stats', 'mae_activations', 'extract_features', 'feature_table',
-           'multi_feature_drifting_loss', 'TorchvisionResNetFeatures', 'backbone_state_dict', 'load_resnet50',
-           'TimmConvNeXtFeatures', 'convnextv2_encoder', 'with_vae_decoder', 'merge_feature_fns', 'save_encoder',
-           'load_encoder']
+__all__ = ['ARCH', 'ENCODER_KINDS', 'FEATURE_SETS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'gn_groups', 'GroupNorm', 'group_norm',
+           'BasicBlock', 'ResNetEncoder', 'build_encoder', 'map_stats', 'mae_activations', 'extract_features',
+           'feature_table', 'multi_feature_drifting_loss', 'TorchvisionResNetFeatures', 'backbone_state_dict',
+           'load_resnet50', 'TimmConvNeXtFeatures', 'convnextv2_encoder', 'with_vae_decoder', 'merge_feature_fns',
+           'save_encoder', 'load_encoder']
 
 # %% ../nbs/03_features.ipynb #d20204a7
 def gn_groups(channels: int, max_groups: int = 32) -> int:
@@ -26,9 +26,18 @@ def gn_groups(channels: int, max_groups: int = 32) -> int:
     if channels < 1: raise ValueError(f"GroupNorm needs at least one channel, got {channels}")
     return max(g for g in range(1, min(max_groups, channels) + 1) if channels % g == 0)
 
+class GroupNorm(nn.GroupNorm):
+    """torch's GroupNorm, except that a group holding a single number gives exactly its bias, as flax's
+    (x - mean) * rsqrt(var + eps) does: torch's fused kernel leaves rounding noise there, amplified 1000x by
+    1/sqrt(eps) (one-channel groups on a 1x1 map)."""
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[1] == self.num_groups and x[0, 0].numel() == 1:
+            return torch.zeros_like(x) + self.bias.view(1, -1, *[1] * (x.dim() - 2)).to(x.dtype)
+        return super().forward(x)
+
 def group_norm(channels: int, max_groups: int = 32) -> nn.GroupNorm:
     "GroupNorm with `gn_groups(channels)` groups and flax's epsilon 1e-6, as in the release."
-    return nn.GroupNorm(gn_groups(channels, max_groups), channels, eps=1e-6)
+    return GroupNorm(gn_groups(channels, max_groups), channels, eps=1e-6)
 
 # %% ../nbs/03_features.ipynb #a1cda14e
 class BasicBlock(nn.Module):
