@@ -12,7 +12,7 @@ import torch
 # %% auto #0
 __all__ = ['HUB_REPO', 'RELEASED', 'RELEASE_VAE', 'read_msgpack', 'flatten', 'resolve_artifact', 'read_artifact',
            'generator_kwargs', 'generator_state_dict', 'load_state', 'load_generator', 'release_parity', 'ReleasedRun',
-           'load_release_run', 'init_from_release']
+           'load_release_run', 'init_from_release', 'load_mae']
 
 # %% ../nbs/12_release.ipynb #aad79ee3
 HUB_REPO = "Goodeat/drifting"
@@ -269,3 +269,110 @@ def init_from_release(model: DiT, path_or_name, cache_dir=None) -> DiT:
         raise ValueError(f"--init-from {path_or_name}: the released generator differs from this run's in "
                          + ", ".join(f"{k} (release {a}, run {b})" for k, (a, b) in diff.items()))
     return load_state(model, generator_state_dict(flat, kw), str(folder))
+
+# %% ../nbs/12_release.ipynb #86a5ce29
+import re
+from .features import ResNetEncoder, mae_activations
+from .mae import MAE
+
+# %% ../nbs/12_release.ipynb #cc0efed7
+_MAE_OPTIONS = ("num_classes", "in_channels", "base_channels", "patch_size", "layers", "input_patch_size", "use_bf16",
+                "dropout_prob")
+_BLOCK_PARTS = {"conv1": "conv1", "gn1": "norm1", "conv2": "conv2", "gn2": "norm2", "proj_conv": "shortcut.0",
+                "proj_gn": "shortcut.1"}
+_UP_BLOCKS = {"up43": 0, "up32": 1, "up21": 2, "up10": 3}
+_UP_PARTS = {"concat_norm_fn": "norm", "proj": "convs.0", "refine": "convs.1"}
+_CONV_GN = {"conv": "0", "gn": "1"}
+
+def _mae_key(path: str) -> str | None:
+    "The state_dict key (of our MAE) of a release parameter path such as 'encoder/stages_1/layers_0/gn1/scale'."
+    *mods, leaf = path.split("/")
+    p = {"kernel": "weight", "scale": "weight", "bias": "bias"}.get(leaf)
+    m, n = None, len(mods)
+    if p is None or n < 1: return None
+    if mods[0] == "encoder" and n >= 2:
+        if mods[1:] == ["conv1"]: m = "encoder.stem.0"
+        elif mods[1:] == ["gn1"]: m = "encoder.stem.1"
+        elif n == 2 and re.fullmatch(r"layer[1-4]_norm", mods[1]): m = f"encoder.norms.{int(mods[1][5]) - 1}"
+        elif n == 4 and re.fullmatch(r"stages_\d+", mods[1]) and re.fullmatch(r"layers_\d+", mods[2]) and mods[3] in _BLOCK_PARTS:
+            m = f"encoder.stages.{mods[1][7:]}.{mods[2][7:]}.{_BLOCK_PARTS[mods[3]]}"
+    elif mods[0] == "decoder" and n >= 2:
+        if n == 3 and mods[1] == "bridge" and mods[2] in _CONV_GN: m = f"decoder.mid.{_CONV_GN[mods[2]]}"
+        elif mods[1:] == ["head"]: m = "decoder.head"
+        elif mods[1] in _UP_BLOCKS and n >= 3 and mods[2] in _UP_PARTS:
+            b = f"decoder.blocks.{_UP_BLOCKS[mods[1]]}.{_UP_PARTS[mods[2]]}"
+            if n == 3 and mods[2] == "concat_norm_fn": m = b
+            elif n == 4 and mods[2] != "concat_norm_fn" and mods[3] in _CONV_GN: m = f"{b}.{_CONV_GN[mods[3]]}"
+    elif mods == ["fc"]: m = "head"
+    return None if m is None else f"{m}.{p}"
+
+def _release_paths(model) -> list[str]:
+    "The release's parameter paths for our ResNetEncoder or MAE (decoder/fc included when it has them)."
+    enc = model if isinstance(model, ResNetEncoder) else model.encoder
+    norm = lambda pre: [f"{pre}/scale", f"{pre}/bias"]
+    paths = ["encoder/conv1/kernel", *norm("encoder/gn1")]
+    for s, stage in enumerate(enc.stages):
+        paths += norm(f"encoder/layer{s + 1}_norm")
+        for b, block in enumerate(stage):
+            pre = f"encoder/stages_{s}/layers_{b}"
+            paths += [f"{pre}/conv1/kernel", *norm(f"{pre}/gn1"), f"{pre}/conv2/kernel", *norm(f"{pre}/gn2")]
+            if not isinstance(block.shortcut, torch.nn.Identity): paths += [f"{pre}/proj_conv/kernel", *norm(f"{pre}/proj_gn")]
+    if isinstance(model, ResNetEncoder): return paths
+    cgr = lambda pre: [f"{pre}/conv/kernel", *norm(f"{pre}/gn")]
+    paths += cgr("decoder/bridge")
+    for up in _UP_BLOCKS: paths += [*norm(f"decoder/{up}/concat_norm_fn"), *cgr(f"decoder/{up}/proj"), *cgr(f"decoder/{up}/refine")]
+    paths += ["decoder/head/kernel", "decoder/head/bias"]
+    return paths + (["fc/kernel", "fc/bias"] if model.head is not None else [])
+
+def _torch_layout(a: np.ndarray) -> torch.Tensor:
+    "flax conv kernel HWIO -> OIHW, Dense kernel [in,out] -> [out,in]; others unchanged."
+    t = torch.from_numpy(np.array(a, dtype=np.float32))
+    return t.permute(3, 2, 0, 1).contiguous() if t.dim() == 4 else t.t().contiguous() if t.dim() == 2 else t
+
+def _mae_config(mc: dict, where) -> dict:
+    "Our constructor arguments from a release MAE model_config (the release's defaults where a key is absent)."
+    unknown = sorted(set(mc) - set(_MAE_OPTIONS))
+    if unknown: raise ValueError(f"{where}: model_config option(s) {unknown} are not supported by drifting_nb's MAE "
+                                 f"(supported: {', '.join(_MAE_OPTIONS)})")
+    if float(mc.get("dropout_prob", 0.0)) != 0.0:
+        raise ValueError(f"{where}: model_config option dropout_prob={mc['dropout_prob']} is not supported "
+                         "(drifting_nb's MAE has no dropout; the released MAEs use 0.0)")
+    layers = list(mc.get("layers", (2, 2, 2, 2)))
+    if len(layers) != 4: raise ValueError(f"{where}: model_config option layers={layers} is not supported (four stages)")
+    return dict(in_channels=int(mc.get("in_channels", 3)), width=int(mc.get("base_channels", 64)), blocks=layers,
+                patch=int(mc.get("input_patch_size", 1)), num_classes=int(mc.get("num_classes", 1000)),
+                mask_patch=int(mc.get("patch_size", 4)))
+
+# %% ../nbs/12_release.ipynb #ee28cc2d
+def load_mae(path_or_name, device=None, cache_dir=None):
+    """A released MAE (artifact folder or name, e.g. 'mae_latent_640') with its weights: our `MAE` (encoder, decoder,
+    fc head) when the artifact holds a decoder, else our `ResNetEncoder`; eval mode, frozen, on `device`.
+    Its features: `mae_activations(model, x)`. `model.release_config` keeps the artifact's model_config."""
+    meta, flat, folder = read_artifact(path_or_name, "mae", cache_dir)
+    flat = {k[7:] if k.startswith("params/") else k: v for k, v in flat.items()}
+    cfg = _mae_config(meta["model_config"], folder / "metadata.json")
+    cfg.pop("mask_patch")                                   # the pretraining mask patch (release_config keeps it)
+    num_classes = cfg.pop("num_classes")
+    encoder = ResNetEncoder(**cfg)
+    model = encoder
+    if any(k.startswith("decoder/") for k in flat): model = MAE(encoder, num_classes if any(k.startswith("fc/") for k in flat) else 0)
+    paths = _release_paths(model)
+    missing, unexpected = [p for p in paths if p not in flat], [k for k in flat if k not in set(paths)]
+    where = f"{folder} (model_config {meta['model_config']})"
+    if missing: raise ValueError(f"{where} lacks {len(missing)} parameters of this config, e.g. {missing[:4]}")
+    if unexpected: raise ValueError(f"{where} has parameters drifting_nb's MAE does not: {unexpected[:4]}"
+                                    + (f" and {len(unexpected) - 4} more" if len(unexpected) > 4 else ""))
+    expected = model.state_dict()
+    sd, wrong = {}, []
+    for path in paths:
+        key = _mae_key(path)
+        if model is encoder: key = key[len("encoder."):]
+        sd[key] = t = _torch_layout(flat[path])
+        if t.shape != expected[key].shape:
+            wrong.append(f"{path} {tuple(flat[path].shape)} (expected {tuple(expected[key].shape)} as torch {key})")
+    if wrong: raise ValueError(f"weights of {folder} do not fit its model_config: {'; '.join(wrong[:3])}"
+                               + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""))
+    model.load_state_dict(sd)
+    model.release_config = dict(meta["model_config"])
+    model.requires_grad_(False).eval()
+    return model.to(device) if device is not None else model

@@ -20,9 +20,9 @@ from .generator import build_generator, unwrap_model, GENERATOR_PRESETS
 
 # %% auto #0
 __all__ = ['PRESETS', 'TrainConfig', 'toy_presets', 'all_preset_names', 'get_config', 'parse_args', 'resolve_config',
-           'build_dataset', 'sample_shape', 'load_vae', 'make_decode', 'build_model', 'encoder_dir', 'pretrain_encoder',
-           'build_phi', 'list_checkpoints', 'save_checkpoint', 'check_resumable', 'draw_step', 'save_sample_grid',
-           'train', 'evaluate_run_model', 'Run', 'load_run', 'main']
+           'build_dataset', 'sample_shape', 'load_vae', 'make_decode', 'build_model', 'load_feature_encoder',
+           'encoder_dir', 'pretrain_encoder', 'build_phi', 'list_checkpoints', 'save_checkpoint', 'check_resumable',
+           'draw_step', 'save_sample_grid', 'train', 'evaluate_run_model', 'Run', 'load_run', 'main']
 
 # %% ../nbs/07_train.ipynb #a630482d
 @dataclass
@@ -44,7 +44,7 @@ class TrainConfig:
     init_from: str = ""                # start from a released generator's weights (name such as latent_B_sota, or folder)
     # feature encoder (Sec. 3.4, A.3-A.5)
     encoder: str = "mae"               # mae | none (drift on the raw samples only)
-    encoder_path: str = ""             # folder written by save_encoder / train_mae; empty: pretrain one in this run
+    encoder_path: str = ""             # save_encoder/train_mae folder, or a released MAE (folder or name, e.g. mae_latent_640); empty: pretrain in this run
     mae_preset: str = ""               # small presets: a drifting_nb.train_mae preset pretrained at the start of the run
     mae_overrides: dict = field(default_factory=dict)   # ... with these MAEConfig overrides
     extra_encoder: str = ""            # e.g. "convnextv2:PATH_OR_NAME" (pixel recipes add ConvNeXt-V2 features)
@@ -270,8 +270,23 @@ def build_model(cfg: TrainConfig) -> nn.Module:
 
 # %% ../nbs/07_train.ipynb #6d403fa5
 def _raw_features(x):
-    "phi for encoder='none': the raw sample as one vector per sample [n,1,D]."
-    return {"raw": x.reshape(x.shape[0], 1, -1)}
+    "phi for encoder='none': the raw sample as one vector per sample [n,1,D] (the release's 'global' feature)."
+    return {"global": x.reshape(x.shape[0], 1, -1)}
+
+def _is_release_mae(path_or_name: str) -> bool:
+    "A released MAE: one of the hub's names, or an artifact folder (metadata.json + ema_params.msgpack)."
+    from drifting_nb.release import RELEASED
+    return RELEASED.get(str(path_or_name)) == "mae" or (Path(path_or_name) / "metadata.json").is_file()
+
+def load_feature_encoder(path_or_name, device=None):
+    "The frozen MAE encoder of --encoder-path: a folder of save_encoder / train_mae, or a released MAE (release.load_mae)."
+    from drifting_nb import features as Fx
+    if _is_release_mae(path_or_name):
+        from drifting_nb.release import load_mae
+        enc = load_mae(path_or_name)
+        enc = getattr(enc, "encoder", enc)                            # the decoder and fc head are not needed here
+    else: enc = Fx.load_encoder(path_or_name)
+    return enc.to(device).requires_grad_(False).eval()
 
 def encoder_dir(cfg: TrainConfig) -> Path:
     "Where the run's feature encoder lives: --encoder-path, or <output_dir>/encoder for in-run pretraining."
@@ -282,10 +297,11 @@ def pretrain_encoder(cfg: TrainConfig, accelerator) -> Path:
     in a child process of its own, the others wait. Reused when <output_dir>/encoder already holds an encoder, and
     resumed if it was interrupted."""
     path = encoder_dir(cfg)
-    if cfg.encoder != "mae" or (path / "encoder.safetensors").is_file(): return path
+    if cfg.encoder != "mae" or (path / "encoder.safetensors").is_file() or _is_release_mae(path): return path
     if cfg.encoder_path:
-        raise FileNotFoundError(f"no encoder in {path} (expected encoder.safetensors + encoder.json); pretrain one "
-                                "with `accelerate launch -m drifting_nb.train_mae --preset ...`")
+        raise FileNotFoundError(f"no encoder in {path} (expected encoder.safetensors + encoder.json, or a released MAE: "
+                                "an artifact folder or a name such as mae_latent_640); pretrain one with "
+                                "`accelerate launch -m drifting_nb.train_mae --preset ...`")
     if not cfg.mae_preset:
         raise ValueError(f"preset {cfg.preset!r} needs --encoder-path (a folder written by drifting_nb.train_mae)")
     if accelerator.is_main_process:
@@ -308,15 +324,15 @@ def build_phi(cfg: TrainConfig, device, vae=None):
     from drifting_nb import features as Fx
     if cfg.encoder == "none": return _raw_features
     if cfg.encoder != "mae": raise ValueError(f"encoder must be 'mae' or 'none', got {cfg.encoder!r}")
-    enc = Fx.load_encoder(encoder_dir(cfg)).to(device).requires_grad_(False).eval()
-    phi = functools.partial(Fx.extract_features, enc, feature_set=cfg.feature_set)
+    enc = load_feature_encoder(cfg.encoder_path or encoder_dir(cfg), device)
+    phi = functools.partial(Fx.extract_features, enc, feature_set=cfg.feature_set)    # 'global' + the release's dict
     if cfg.extra_encoder:
         kind, _, where = cfg.extra_encoder.partition(":")
         if kind != "convnextv2": raise ValueError(f"extra_encoder must look like 'convnextv2:NAME_OR_PATH', got {cfg.extra_encoder!r}")
         is_file = Path(where).is_file()
         cnx = Fx.convnextv2_encoder(checkpoint=where if is_file else None, pretrained=not is_file,
                                     **({} if is_file else {"name": where})).to(device).requires_grad_(False).eval()
-        pix = functools.partial(Fx.extract_features, cnx, feature_set=cfg.feature_set, include_raw=False, include_input_rms=False)
+        pix = functools.partial(Fx.extract_features, cnx, feature_set=cfg.feature_set, include_global=False)
         if vae is not None: pix = Fx.with_vae_decoder(pix, vae.vae.to(device), vae.scaling_factor)
         phi = Fx.merge_feature_fns({"mae": phi, "convnext": pix})
     return phi
