@@ -11,8 +11,11 @@ from drifting_nb.runtime import RunLock, RunFolderBusy
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
 
+SMALL = dict(hidden_size=32, depth=1, num_heads=2)                      # a narrow T/2: checkpoints of about 1 MB
+
 def _cfg(folder, encoder, out, **kw):
-    return get_config("tiny-pixel", data_dir=str(folder), encoder_path=encoder, output_dir=str(out), sample_every=0, **kw)
+    return get_config("tiny-pixel", data_dir=str(folder), encoder_path=encoder, output_dir=str(out), sample_every=0,
+                      **{"generator_kw": SMALL, **kw})
 
 def _steps(out): return [r["step"] for r in read_metrics(out) if "loss" in r]
 
@@ -225,10 +228,10 @@ def test_bad_values_are_refused_up_front(args, flag, tmp_path):
     print(e.value)
 
 class _StandIn:
-    "A run that returns grey 8x8 images at once (the sampling machinery without a network)."
+    "A run that returns grey 16x16 RGB images at once (the sampling machinery without a network)."
     num_classes, config = 10, {}
     def sample(self, labels, alpha, generator=None):
-        return torch.full((len(labels), 8, 8, 1), 128, dtype=torch.uint8)
+        return torch.full((len(labels), 16, 16, 3), 128, dtype=torch.uint8)
 
 @pytest.mark.parametrize("alpha", ["nan", "inf", "-1", "0.5"])
 def test_sample_refuses_alphas_it_was_not_trained_for(alpha, tmp_path, capsys):
@@ -239,15 +242,15 @@ def test_sample_refuses_alphas_it_was_not_trained_for(alpha, tmp_path, capsys):
     assert not (tmp_path / "s.npz").exists()
 
 def test_sample_streams_many_samples_to_the_npz(tmp_path, monkeypatch):
-    "100,000 samples of 8x8x1 (6.4 MB) through the command line: numpy never holds them all at once."
+    "20,000 samples of 16x16x3 (15 MB) through the command line: numpy never holds them all at once."
     from drifting_nb import sample
     monkeypatch.setattr(sample, "load_run", lambda *a, **k: _StandIn())
-    n = 100_000
+    n, size = 20_000, 16 * 16 * 3
     tracemalloc.start()
     sample.main(["--run", str(tmp_path), "--num-samples", str(n), "--batch-size", "1000", "--device", "cpu",
                  "--out", str(tmp_path / "s.npz")])
     peak = tracemalloc.get_traced_memory()[1]; tracemalloc.stop()
-    print(f"peak traced memory {peak / 1e6:.2f} MB for {n * 64 / 1e6:.1f} MB of samples")
-    assert peak < n * 64 / 4, f"{peak} bytes traced: the samples were held in memory"
+    print(f"peak traced memory {peak / 1e6:.2f} MB for {n * size / 1e6:.1f} MB of samples")
+    assert peak < n * size / 4, f"{peak} bytes traced: the samples were held in memory"
     with np.load(tmp_path / "s.npz") as f:
-        assert f["samples"].shape == (n, 8, 8, 1) and (f["labels"][:12] == np.arange(12) % 10).all()
+        assert f["samples"].shape == (n, 16, 16, 3) and (f["labels"][:12] == np.arange(12) % 10).all()
