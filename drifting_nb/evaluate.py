@@ -18,7 +18,7 @@ from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, i
 from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 from torch_fidelity.utils import create_feature_extractor
-from . import sample as _sample
+from . import run as _run
 
 # %% auto #0
 __all__ = ['IMAGE_KEYS', 'DEFAULT_ALPHAS', 'feature_stats', 'frechet_distance', 'inception_score', 'precision_recall',
@@ -348,8 +348,8 @@ DEFAULT_ALPHAS = (1.0, 1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5)
 def evaluate_alpha(run, alpha: float, num_samples: int, features: FidelityFeatures, ref: dict, real_feats=None,
                    batch_size: int = 250, seed: int = 0, progress: bool = False, return_feats: bool = False):
     "Metrics of `num_samples` class-balanced samples at CFG scale `alpha` (and the features when `return_feats`)."
-    labels = _sample.balanced_labels(num_samples, run.num_classes)
-    batches = (x for x, _ in _sample.iter_samples(run, labels, alpha, batch_size, seed, progress, desc=f"alpha={alpha:g}"))
+    labels = _run.balanced_labels(num_samples, run.num_classes)
+    batches = (x for x, _ in _run.iter_samples(run, labels, alpha, batch_size, seed, progress, desc=f"alpha={alpha:g}"))
     feats = features.extract(batches)
     res = {"alpha": float(alpha), "num_samples": int(num_samples),
            **metrics_from_features(feats, features.layers, ref, real_feats)}
@@ -441,7 +441,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     "Entry point of `python -m drifting_nb.evaluate`."
     args = evaluate_parser().parse_args(argv)
-    device = args.device or _sample.default_device()
+    device = args.device or _run.default_device()
     features = lambda: FidelityFeatures(args.feature_extractor, args.feature_weights, device)
     if args.make_ref_stats:
         if not args.out: raise SystemExit("--make-ref-stats needs --out FILE.npz")
@@ -458,7 +458,7 @@ def main(argv=None):
     if not args.no_prc:
         real = _read_images(args.ref_images) if args.ref_images else load_images(args.ref_stats)
         if real is None: warnings.warn(f"{args.ref_stats} holds no reference images: precision/recall skipped (give --ref-images)")
-    run = _sample.open_run(args, device)
+    run = _run.open_run(args.run, args.release, args.vae, ema=not args.no_ema, decay=args.ema_decay, device=device)
     res = evaluate_run(run, ref, features(), args.alpha, args.num_samples, args.sweep_num_samples, real,
                        args.batch_size, args.seed, progress=True)
     res.update(run=str(args.run or args.release), ema=None if args.no_ema else (args.ema_decay or "first"), ref_stats=str(args.ref_stats))

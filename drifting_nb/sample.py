@@ -4,63 +4,20 @@
 
 # %% ../nbs/08b_sample.ipynb #6f0080bd
 from __future__ import annotations
-import argparse, math, os, sys, tempfile
+import argparse, math, os, sys, tempfile, zipfile
 from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
+from .run import load_run as _load_run
+from .run import balanced_labels, make_labels, run_device, check_alpha, iter_samples, default_device, open_run   # notebook 07a
 
 # %% auto #0
-__all__ = ['balanced_labels', 'make_labels', 'run_device', 'iter_samples', 'generate', 'save_npz', 'grid_nrow', 'save_grid',
-           'load_run', 'open_run', 'default_device', 'sample_parser', 'main']
+__all__ = ['MAX_GRID', 'generate', 'write_npz', 'save_npz', 'grid_nrow', 'save_grid', 'load_run', 'sample_parser', 'main']
 
-# %% ../nbs/08b_sample.ipynb #ccac3b17
-def balanced_labels(n: int, num_classes: int) -> Tensor:
-    "Class labels [n] cycling over 0..num_classes-1 (50 per class for FID-50k on ImageNet-1k)."
-    if n < 1: raise ValueError(f"the number of samples must be positive, got {n}")
-    if num_classes < 1: raise ValueError(f"num_classes must be positive, got {num_classes}")
-    return torch.arange(n) % num_classes
-
-# %% ../nbs/08b_sample.ipynb #e3ebfa9a
-def make_labels(n: int, num_classes: int, labels=None) -> Tensor:
-    "Labels [n]: `labels` (ints) cycled to length n, or a balanced cycle over all classes when None."
-    if labels is None or len(labels) == 0: return balanced_labels(n, num_classes)
-    if n < 1: raise ValueError(f"the number of samples must be positive, got {n}")
-    labels = torch.as_tensor(list(labels), dtype=torch.long)
-    bad = labels[(labels < 0) | (labels >= num_classes)]
-    if len(bad): raise ValueError(f"labels {bad.tolist()} are outside this run's classes 0..{num_classes - 1}")
-    return labels.repeat(math.ceil(n / len(labels)))[:n]
-
-# %% ../nbs/08b_sample.ipynb #4affed53
-def run_device(run) -> torch.device:
-    "The device a run's network lives on: `run.device`, else the device of `run.model`'s parameters, else CPU."
-    dev = getattr(run, "device", None)
-    if dev is not None: return torch.device(dev)
-    model = getattr(run, "model", None)
-    p = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
-    return torch.device("cpu") if p is None else p.device
-
-def iter_samples(run, labels: Tensor, alpha: float = 1.0, batch_size: int = 250, seed: int = 0,
-                 progress: bool = False, desc: str = "sampling"):
-    """Yield (images uint8 [b,H,W,C] on CPU, labels [b]) for `labels` [N], one `run.sample` call per batch.
-    The noise comes from a torch.Generator seeded with `seed` on the run's device."""
-    if batch_size < 1: raise ValueError(f"batch_size must be positive, got {batch_size}")
-    labels = torch.as_tensor(labels, dtype=torch.long).cpu()
-    dev = run_device(run)
-    gen = torch.Generator(device=dev).manual_seed(int(seed))
-    with tqdm(total=len(labels), disable=not progress, desc=desc, unit="img", leave=False) as bar:
-        for i in range(0, len(labels), batch_size):
-            lab = labels[i:i + batch_size]
-            with torch.no_grad():
-                x = run.sample(lab.to(dev), float(alpha), generator=gen)
-            if not (torch.is_tensor(x) and x.dtype == torch.uint8 and x.dim() == 4 and x.shape[0] == len(lab)):
-                got = f"{x.dtype} {tuple(x.shape)}" if torch.is_tensor(x) else type(x).__name__
-                raise TypeError(f"run.sample must return uint8 [{len(lab)},H,W,C], got {got}")
-            bar.update(len(lab))
-            yield x.cpu(), lab
-
+# %% ../nbs/08b_sample.ipynb #20728662
 def generate(run, labels: Tensor, alpha: float = 1.0, batch_size: int = 250, seed: int = 0, progress: bool = False):
     "All samples at once: (uint8 numpy [N,H,W,C], labels numpy [N]), filled batch by batch into one array."
     out = None
@@ -77,19 +34,33 @@ def _atomic_target(path: Path):
     os.close(fd)
     return Path(tmp)
 
-def save_npz(path, samples: np.ndarray, labels: np.ndarray) -> Path:
-    "Write `samples` uint8 [N,H,W,C] and `labels` [N] to an .npz (atomically)."
-    path = Path(path)
-    if samples.dtype != np.uint8 or samples.ndim != 4:
-        raise ValueError(f"samples must be uint8 [N,H,W,C], got {samples.dtype} {samples.shape}")
-    if len(labels) != len(samples): raise ValueError(f"{len(labels)} labels for {len(samples)} samples")
+def write_npz(path, batches, n: int) -> Path:
+    """Stream `(images uint8 [b,H,W,C], labels [b])` batches, `n` samples in all, into an .npz of `samples` [n,H,W,C]
+    and `labels` [n] (atomically). One batch is in memory at a time: the file is a zip of two .npy files, and the
+    samples' header (its shape) is known once the first batch has arrived."""
+    path, done, labels = Path(path), 0, np.empty(n, dtype=np.int64)
     tmp = _atomic_target(path)
     try:
-        with open(tmp, "wb") as f: np.savez(f, samples=samples, labels=np.asarray(labels, dtype=np.int64))
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zf.open("samples.npy", "w", force_zip64=True) as f:
+                for x, y in batches:
+                    x = np.ascontiguousarray(np.asarray(x))
+                    if x.dtype != np.uint8 or x.ndim != 4: raise ValueError(f"samples must be uint8 [N,H,W,C], got {x.dtype} {x.shape}")
+                    if len(y) != len(x): raise ValueError(f"{len(y)} labels for {len(x)} samples")
+                    if done + len(x) > n: raise ValueError(f"more than the announced {n} samples")
+                    if done == 0:
+                        np.lib.format.write_array_header_2_0(f, dict(descr="|u1", fortran_order=False, shape=(n, *x.shape[1:])))
+                    f.write(x.tobytes()); labels[done:done + len(x)] = np.asarray(y); done += len(x)
+            if done != n: raise ValueError(f"{done} samples for the announced {n}")
+            with zf.open("labels.npy", "w") as f: np.lib.format.write_array(f, labels)
         os.replace(tmp, path)
     finally:
         if tmp.exists(): tmp.unlink()
     return path
+
+def save_npz(path, samples: np.ndarray, labels: np.ndarray) -> Path:
+    "Write `samples` uint8 [N,H,W,C] and `labels` [N] to an .npz (atomically)."
+    return write_npz(path, [(samples, labels)], len(samples))
 
 def grid_nrow(labels, num_classes: int) -> int:
     "Images per grid row: one class per column for a balanced cycle over <= 32 classes, else about sqrt(N)."
@@ -112,26 +83,14 @@ def save_grid(path, samples: np.ndarray, nrow: int = 8, padding: int = 1) -> Pat
 
 # %% ../nbs/08b_sample.ipynb #837ea738
 def load_run(run_dir, ema: bool = True, device="cpu", decay: float | None = None):
-    "Load a training run for sampling (`drifting_nb.train.load_run`): EMA weights (of `decay`, default the first) by default."
+    "Load a training run for sampling (`drifting_nb.run.load_run`): EMA weights (of `decay`, default the first) by default."
     run_dir = Path(run_dir)
     if not run_dir.is_dir(): raise FileNotFoundError(f"run folder {run_dir} does not exist")
     if not (run_dir / "config.json").exists():
         raise FileNotFoundError(f"{run_dir} is not a training run: it has no config.json")
-    try:
-        from drifting_nb.train import load_run as _load
-    except ImportError as e:
-        raise ImportError(f"sampling needs drifting_nb.train.load_run, which could not be imported: {e}") from e
-    return _load(run_dir, ema=ema, device=device, **({} if decay is None else {"decay": decay}))
+    return _load_run(run_dir, ema=ema, device=device, **({} if decay is None else {"decay": decay}))
 
-def open_run(args, device):
-    "The run that `--run` or `--release` (with `--vae`) names, for the sample and evaluate commands."
-    if getattr(args, "release", None):
-        from drifting_nb.release import RELEASE_VAE, load_release_run
-        return load_release_run(args.release, vae=args.vae or RELEASE_VAE, device=device)
-    return load_run(args.run, ema=not args.no_ema, device=device, decay=args.ema_decay)
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+MAX_GRID = 10_000                                          # samples in one PNG grid
 
 def sample_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m drifting_nb.sample",
@@ -155,19 +114,25 @@ def sample_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     "Entry point of `python -m drifting_nb.sample`."
-    args = sample_parser().parse_args(argv)
+    p = sample_parser()
+    args = p.parse_args(argv)
     out = Path(args.out)
-    if out.suffix.lower() not in (".npz", ".png"):
-        raise SystemExit(f"--out must end in .npz or .png, got {out.name}")
-    if args.num_samples < 1: raise SystemExit(f"--num-samples must be positive, got {args.num_samples}")
-    run = open_run(args, args.device or default_device())
+    if out.suffix.lower() not in (".npz", ".png"): p.error(f"--out must end in .npz or .png, got {out.name}")
+    if args.num_samples < 1: p.error(f"--num-samples must be positive, got {args.num_samples}")
+    if out.suffix.lower() == ".png" and args.num_samples > MAX_GRID:
+        p.error(f"a PNG grid holds at most {MAX_GRID} samples, got --num-samples {args.num_samples}; write an .npz")
+    try: check_alpha(args.alpha)
+    except ValueError as e: p.error(str(e))
+    device = args.device or default_device()
+    run = (load_run(args.run, ema=not args.no_ema, device=device, decay=args.ema_decay) if args.run
+           else open_run(release=args.release, vae=args.vae, device=device))
     labels = make_labels(args.num_samples, run.num_classes, args.labels)
-    samples, labels = generate(run, labels, args.alpha, args.batch_size, args.seed, progress=True)
     if out.suffix.lower() == ".png":
+        samples, labels = generate(run, labels, args.alpha, args.batch_size, args.seed, progress=True)
         save_grid(out, samples, nrow=args.nrow or grid_nrow(labels, run.num_classes))
-    else:
-        save_npz(out, samples, labels)
-    print(f"wrote {len(samples)} samples {tuple(samples.shape[1:])} at alpha={args.alpha} to {out}")
+    else:                                                  # streamed: one batch in memory at a time
+        write_npz(out, iter_samples(run, labels, args.alpha, args.batch_size, args.seed, progress=True), len(labels))
+    print(f"wrote {len(labels)} samples at alpha={args.alpha} to {out}")
     return out
 
 # %% ../nbs/08b_sample.ipynb #6717381c

@@ -13,16 +13,18 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
-from safetensors.torch import save_file, load_file
 
 from .drift import alpha_to_weight, sample_alpha
-from .generator import build_generator, unwrap_model, GENERATOR_PRESETS
+from .generator import unwrap_model
+from .runtime import cpu_threads, process_state, RunLock, run_child
+from .run import (sample_shape, load_vae, make_decode, build_model, list_checkpoints, latest_checkpoint,
+                             check_resumable, save_checkpoint, load_checkpoint, remove_partial_checkpoints,
+                             truncate_metrics, log_metrics, Run, load_run)
 
 # %% auto #0
-__all__ = ['PRESETS', 'TrainConfig', 'toy_presets', 'all_preset_names', 'get_config', 'parse_args', 'resolve_config',
-           'build_dataset', 'sample_shape', 'load_vae', 'make_decode', 'build_model', 'load_feature_encoder',
-           'encoder_dir', 'pretrain_encoder', 'build_phi', 'list_checkpoints', 'save_checkpoint', 'check_resumable',
-           'draw_step', 'save_sample_grid', 'train', 'evaluate_run_model', 'Run', 'load_run', 'main']
+__all__ = ['PRESETS', 'TrainConfig', 'check_config', 'toy_presets', 'all_preset_names', 'get_config', 'parse_args',
+           'resolve_config', 'build_dataset', 'load_feature_encoder', 'encoder_dir', 'pretrain_encoder', 'build_phi',
+           'draw_step', 'save_sample_grid', 'train', 'evaluate_run_model', 'main']
 
 # %% ../nbs/07_train.ipynb #a630482d
 @dataclass
@@ -87,6 +89,48 @@ class TrainConfig:
     seed: int = 0
     cpu_threads: int = 0               # torch threads per process on CPU; 0: the machine's cores over its processes
 
+# %% ../nbs/07_train.ipynb #3115e6af
+def _whole(lo):
+    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo), f"an integer >= {lo}"
+
+def _number(ok, what):
+    return (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and ok(v)), what
+
+def _numbers(ok, what):
+    return (lambda v: isinstance(v, tuple) and len(v) > 0 and all(_number(ok, "")[0](t) for t in v)), what
+
+def _choice(*names): return (lambda v: v in names), "one of " + ", ".join(names)
+
+_RULES = {**{k: _whole(1) for k in ("Nc", "Npos", "Nneg", "max_steps", "log_every", "ckpt_every", "keep_ckpts",
+                                    "grad_accum", "queue_per_class", "queue_push", "num_classes", "image_size", "channels")},
+          **{k: _whole(0) for k in ("Nunc", "queue_global", "warmup_steps", "sample_every", "eval_every", "eval_samples", "seed")},
+          "lr": _number(lambda v: v > 0, "a finite number > 0"),
+          "weight_decay": _number(lambda v: v >= 0, "a finite number >= 0"),
+          "beta1": _number(lambda v: 0 <= v < 1, "a number in [0, 1)"), "beta2": _number(lambda v: 0 <= v < 1, "a number in [0, 1)"),
+          "grad_clip": _number(lambda v: v > 0, "a finite number > 0"),
+          "alpha_k": _number(lambda v: v >= 0, "a finite number >= 0"),
+          "alpha_p_one": _number(lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+          "alpha_max": _number(lambda v: v >= 1, "a finite CFG scale >= 1"),
+          "sample_alpha": _number(lambda v: v >= 1, "a finite CFG scale >= 1"),
+          "taus": _numbers(lambda v: v > 0, "one or more temperatures > 0, e.g. 0.02,0.05,0.2"),
+          "ema_decays": _numbers(lambda v: 0 < v < 1, "one or more EMA decays in (0, 1), e.g. 0.999,0.9999"),
+          "eval_alphas": _numbers(lambda v: v >= 1, "one or more finite CFG scales >= 1"),
+          "mixed_precision": _choice("auto", "no", "bf16", "fp16"), "queue_dtype": _choice("float32", "bfloat16", "uint8"),
+          "space": _choice("pixel", "latent"), "dataset": _choice("digits", "cifar10", "imagefolder", "latents"),
+          "encoder": _choice("mae", "none"), "feature_set": _choice("a-b", "a-c", "a-d")}
+
+def _flag(key: str) -> str: return "--" + key.replace("_", "-")
+
+def check_config(cfg: TrainConfig) -> TrainConfig:
+    "`cfg` when every value is usable; otherwise a ValueError naming the key (as its flag) and the valid range."
+    for k, (ok, what) in _RULES.items():
+        if not ok(getattr(cfg, k)): raise ValueError(f"{_flag(k)} must be {what}, got {getattr(cfg, k)!r}")
+    for small, big in (("Npos", "queue_per_class"), ("Nunc", "queue_global"), ("Nc", "num_classes")):
+        if getattr(cfg, small) > getattr(cfg, big):
+            raise ValueError(f"{_flag(small)}={getattr(cfg, small)} exceeds {_flag(big)}={getattr(cfg, big)}")
+    if cfg.queue_dtype == "uint8" and cfg.space != "pixel": raise ValueError("--queue-dtype uint8 holds 8-bit images, not latents")
+    return cfg
+
 # %% ../nbs/07_train.ipynb #794a47b2
 _IMAGENET = dict(num_classes=1000, image_size=256, warmup_steps=10_000, Nunc=32, Nneg=64, alpha_k=5.0,
                  sample_every=5000, ckpt_every=5000, log_every=50, eval_every=0)
@@ -150,7 +194,7 @@ def get_config(preset: str = "digits", **overrides) -> TrainConfig:
     if bad: raise ValueError(f"unknown config key(s) {bad}; valid keys: {', '.join(sorted(valid))}")
     cfg = TrainConfig(**{**PRESETS[preset], **overrides, "preset": preset})
     if not cfg.output_dir: cfg.output_dir = str(Path("runs") / preset)
-    return cfg
+    return check_config(cfg)
 
 # %% ../nbs/07_train.ipynb #40e5b137
 def _parse_value(text: str, current):
@@ -164,6 +208,7 @@ def _parse_value(text: str, current):
         if not isinstance(v, dict): raise ValueError(f"expected a dict literal, got {text!r}")
         return v
     if isinstance(current, tuple):
+        if not text.strip(): return ()
         v = ast.literal_eval(text if "(" in text or "[" in text else f"({text},)")
         return tuple(v) if isinstance(v, (tuple, list)) else (v,)
     if isinstance(current, (int, float)) and not isinstance(current, bool):
@@ -214,8 +259,14 @@ def resolve_config(preset: str, overrides: dict) -> TrainConfig:
     valid = {f.name for f in fields(TrainConfig)}
     bad = sorted(set(overrides) - valid)
     if bad: raise ValueError(f"unknown config key(s) {bad} for preset {preset!r}; valid keys: {', '.join(sorted(valid))}")
-    typed = {k: (_parse_value(v, getattr(base, k)) if isinstance(v, str) and not isinstance(getattr(base, k), str) else v)
-             for k, v in overrides.items()}
+    typed = {}
+    for k, v in overrides.items():
+        current = getattr(base, k)
+        if not isinstance(v, str) or isinstance(current, str): typed[k] = v; continue
+        try: typed[k] = _parse_value(v, current)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            what = _RULES[k][1] if k in _RULES else f"a {type(current).__name__}"
+            raise ValueError(f"{_flag(k)} must be {what}, got {v!r}") from None
     return get_config(preset, **typed)
 
 # %% ../nbs/07_train.ipynb #d9f53a48
@@ -238,35 +289,6 @@ def build_dataset(cfg: TrainConfig):
             raise ValueError(f"the latent cache {cfg.data_dir} has {ds.num_classes} classes, the preset expects {cfg.num_classes}")
         return ds
     raise ValueError(f"unknown dataset {cfg.dataset!r}; valid: digits, cifar10, imagefolder, latents")
-
-def sample_shape(cfg: TrainConfig) -> tuple:
-    "Shape [C,H,W] of one generated sample."
-    if cfg.space == "latent": return (4, cfg.image_size // 8, cfg.image_size // 8)
-    if cfg.space == "pixel": return (cfg.channels, cfg.image_size, cfg.image_size)
-    raise ValueError(f"space must be 'pixel' or 'latent', got {cfg.space!r}")
-
-def load_vae(cfg: TrainConfig):
-    "The SD-VAE of a latent-space run (None in pixel space); 'tiny' builds the small random one used by tests."
-    if cfg.space != "latent": return None
-    from drifting_nb.data import SDVAE, tiny_vae
-    if cfg.vae == "tiny": return tiny_vae()
-    if not cfg.vae: raise ValueError("a latent-space run needs --vae (an SD-VAE hub id or local folder) to decode samples")
-    return SDVAE.from_pretrained(cfg.vae)
-
-def make_decode(cfg: TrainConfig, vae=None):
-    "Generated samples [n,*S] -> images [n,C,H,W] in [0,1] (latents go through the VAE decoder)."
-    def decode(x):
-        if vae is not None:
-            with torch.no_grad(): x = vae.to(x.device).decode(x.float())
-        return ((x.float() + 1) / 2).clamp(0, 1)
-    return decode
-
-# %% ../nbs/07_train.ipynb #2d6e5a52
-def build_model(cfg: TrainConfig) -> nn.Module:
-    C, H, _ = sample_shape(cfg)
-    if cfg.generator not in GENERATOR_PRESETS:
-        raise ValueError(f"unknown generator {cfg.generator!r}; valid: {', '.join(GENERATOR_PRESETS)}")
-    return build_generator(cfg.generator, **{"input_size": H, "in_channels": C, "num_classes": cfg.num_classes, **cfg.generator_kw})
 
 # %% ../nbs/07_train.ipynb #6d403fa5
 def _raw_features(x):
@@ -305,7 +327,6 @@ def pretrain_encoder(cfg: TrainConfig, accelerator) -> Path:
     if not cfg.mae_preset:
         raise ValueError(f"preset {cfg.preset!r} needs --encoder-path (a folder written by drifting_nb.train_mae)")
     if accelerator.is_main_process:
-        import subprocess
         fmt = lambda v: ",".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v).lower() if isinstance(v, bool) else str(v)
         cmd = [sys.executable, "-m", "drifting_nb.train_mae", "--preset", cfg.mae_preset, "--output-dir", str(path),
                "--seed", str(cfg.seed), "--resume"] + (["--data-dir", cfg.data_dir] if cfg.data_dir else [])
@@ -314,8 +335,8 @@ def pretrain_encoder(cfg: TrainConfig, accelerator) -> Path:
                if not k.startswith(("ACCELERATE_", "LOCAL_", "GROUP_", "ROLE_", "TORCHELASTIC_"))
                and k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
         print(f"pretraining the feature encoder: {' '.join(cmd[1:])}", flush=True)
-        r = subprocess.run(cmd, env=env)
-        if r.returncode != 0: raise RuntimeError(f"MAE pretraining failed (exit code {r.returncode}): {' '.join(cmd)}")
+        rc = run_child(cmd, env)                                       # dies with this process, even on kill -9
+        if rc != 0: raise RuntimeError(f"MAE pretraining failed (exit code {rc}): {' '.join(cmd)}")
     accelerator.wait_for_everyone()
     return path
 
@@ -336,68 +357,6 @@ def build_phi(cfg: TrainConfig, device, vae=None):
         if vae is not None: pix = Fx.with_vae_decoder(pix, vae.vae.to(device), vae.scaling_factor)
         phi = Fx.merge_feature_fns({"mae": phi, "convnext": pix})
     return phi
-
-# %% ../nbs/07_train.ipynb #4b826ba3
-def _fingerprint(cfg: TrainConfig) -> dict:
-    "What must match for a checkpoint to be resumable: the model, its data space and the per-process batch."
-    keys = ("generator", "generator_kw", "space", "image_size", "channels", "num_classes", "encoder", "feature_set", "ema_decays",
-            "queue_per_class", "queue_global", "queue_dtype")
-    return {"preset": cfg.preset, **{k: getattr(cfg, k) for k in keys}}
-
-def _ema_name(decay) -> str: return f"ema_{decay}.safetensors"
-
-def list_checkpoints(out) -> list[Path]:
-    "Complete checkpoints (with meta.json), oldest first."
-    root = Path(out) / "checkpoints"
-    if not root.is_dir(): return []
-    return sorted((p for p in root.glob("step_*") if (p / "meta.json").is_file()), key=lambda p: int(p.name[5:]))
-
-def _atomic_save_file(tensors: dict, path: Path):
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp)); os.replace(tmp, path)
-
-def save_checkpoint(accelerator, out: Path, step: int, cfg: TrainConfig, rank_state: dict, emas: list, keep: int):
-    "Write checkpoints/step_<step> atomically (see above); returns its path."
-    root = out / "checkpoints"
-    final, tmp = root / f"step_{step:08d}", root / f".tmp_step_{step:08d}"
-    try:
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        torch.save(rank_state, tmp / f"rank_{accelerator.process_index}.pt")
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            for d, ema in zip(cfg.ema_decays, emas):
-                save_file({k: v.detach().contiguous().cpu() for k, v in ema.module.state_dict().items()}, str(tmp / _ema_name(d)))
-            meta = dict(step=step, num_processes=accelerator.num_processes, fingerprint=_fingerprint(cfg),
-                        ema_n_averaged=[int(e.n_averaged) for e in emas], time=time.time())
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            if final.exists(): shutil.rmtree(final)
-            os.replace(tmp, final)
-            for d in cfg.ema_decays: shutil.copyfile(final / _ema_name(d), out / (_ema_name(d) + ".tmp")); os.replace(out / (_ema_name(d) + ".tmp"), out / _ema_name(d))
-            for old in list_checkpoints(out)[:-keep]: shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:
-        if accelerator.is_main_process: shutil.rmtree(tmp, ignore_errors=True)
-        last = list_checkpoints(out)
-        why = "the disk is full" if e.errno == errno.ENOSPC else f"{type(e).__name__}: {e}"
-        raise RuntimeError(f"could not write the checkpoint of step {step} ({why}); the previous checkpoint "
-                           f"{last[-1] if last else '(none)'} is intact") from e
-    accelerator.wait_for_everyone()
-    return final
-
-def check_resumable(ckpt: Path, cfg: TrainConfig, num_processes: int) -> dict:
-    "meta.json of `ckpt`, or a clear error when it belongs to another preset, model or process count."
-    meta = json.loads((ckpt / "meta.json").read_text())
-    mine, theirs = _fingerprint(cfg), meta["fingerprint"]
-    diff = {k: (theirs.get(k), v) for k, v in mine.items() if json.dumps(theirs.get(k)) != json.dumps(v)}
-    if diff:
-        raise ValueError(f"checkpoint {ckpt} does not match this run: " +
-                         "; ".join(f"{k} is {a!r} there, {b!r} here" for k, (a, b) in diff.items()))
-    if meta["num_processes"] != num_processes:
-        raise ValueError(f"checkpoint {ckpt} was written by {meta['num_processes']} processes and each keeps its own "
-                         f"sample queue; resume it with {meta['num_processes']} processes, not {num_processes}")
-    return meta
 
 # %% ../nbs/07_train.ipynb #ee38bd4a
 def draw_step(cfg, n_classes_local: int, queue, gen: torch.Generator, gen_dev: torch.Generator, model, device):
@@ -424,16 +383,6 @@ def _warmup_constant(warmup: int):
     "lr multiplier: linear warmup over `warmup` steps, then constant (Table 8)."
     return lambda step: min(1.0, (step + 1) / max(1, warmup))
 
-def _log(out: Path, row: dict):
-    with open(out / "metrics.jsonl", "a") as f: f.write(json.dumps(row) + "\n")
-
-def _truncate_metrics(out: Path, step: int):
-    "On resume, drop metric rows logged after the checkpoint (they will be logged again)."
-    f = out / "metrics.jsonl"
-    if not f.is_file(): return
-    rows = [l for l in f.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
-    f.write_text("".join(r + "\n" for r in rows))
-
 @torch.no_grad()
 def save_sample_grid(model, cfg, decode, path: Path, alpha: float, device, n_per_class: int = 8, seed: int = 0):
     "A grid of generated samples, one row per class (the first 10 classes), 1 NFE each."
@@ -449,13 +398,15 @@ def save_sample_grid(model, cfg, decode, path: Path, alpha: float, device, n_per
 
 def train(cfg: TrainConfig, resume: bool = False, fault_hook=None) -> dict:
     """Run (or resume) the training described by `cfg`; returns a summary dict. `fault_hook(step, loss)` may replace
-    the loss, for tests of the failure paths. Torch runs on cfg.cpu_threads threads meanwhile (`cpu_threads`)."""
-    from drifting_nb.latents import cpu_threads
-    with cpu_threads(cfg.cpu_threads): return _train(cfg, resume, fault_hook)
+    the loss, for tests of the failure paths. Torch runs on cfg.cpu_threads threads meanwhile (`cpu_threads`); the main
+    process holds the lock of the output folder (`RunLock`): a second process on the same folder is refused."""
+    check_config(cfg)
+    with cpu_threads(cfg.cpu_threads):
+        if not process_state().is_main_process: return _train(cfg, resume, fault_hook)
+        with RunLock(cfg.output_dir): return _train(cfg, resume, fault_hook)
 
 def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None) -> dict:
     out = Path(cfg.output_dir)
-    from drifting_nb.latents import process_state                    # a multi-process launch without GPUs runs on gloo
     if process_state().is_main_process and list_checkpoints(out) and not resume:
         raise FileExistsError(f"{out} already holds checkpoints (latest {list_checkpoints(out)[-1].name}): pass --resume "
                               "to continue it, or choose another --output-dir")
@@ -467,11 +418,12 @@ def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None) -> dict:
     m_local = cfg.Nc // world                                        # classes per process and step
     if m_local % cfg.grad_accum: raise ValueError(f"{m_local} classes per process do not split into grad_accum={cfg.grad_accum} micro-batches")
     m_micro = m_local // cfg.grad_accum
-    if cfg.Nc > cfg.num_classes: raise ValueError(f"Nc={cfg.Nc} exceeds the {cfg.num_classes} classes")
-    if cfg.Npos > cfg.queue_per_class: raise ValueError(f"Npos={cfg.Npos} exceeds the per-class queue of {cfg.queue_per_class}")
-    ckpts = list_checkpoints(out)
+    found = latest_checkpoint(out, warn=main) if resume else None   # skips (and names) a damaged checkpoint
+    if found: check_resumable(*found, cfg, world)                    # check first: a refused resume writes nothing
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        remove_partial_checkpoints(out)                              # left by a kill mid-checkpoint
+        truncate_metrics(out, found[1]["step"] if found else 0)      # rows after the checkpoint run again
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     accelerator.wait_for_everyone()
 
@@ -487,9 +439,6 @@ def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None) -> dict:
     if cfg.init_from:                                                # the authors' released weights as the start
         from drifting_nb.release import init_from_release
         init_from_release(model, cfg.init_from)
-    if cfg.queue_dtype not in ("float32", "bfloat16", "uint8"):
-        raise ValueError(f"queue_dtype must be float32, bfloat16 or uint8, got {cfg.queue_dtype!r}")
-    if cfg.queue_dtype == "uint8" and cfg.space != "pixel": raise ValueError("queue_dtype='uint8' holds 8-bit images, not latents")
     queue = SampleQueue(cfg.num_classes, S, cfg.queue_per_class, cfg.queue_global, dtype=getattr(torch, cfg.queue_dtype),
                         seed=cfg.seed * 7919 + rank)
     loader = InfiniteLoader(dataset, cfg.queue_push, seed=cfg.seed, rank=rank, world_size=world)
@@ -502,25 +451,20 @@ def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None) -> dict:
     from drifting_nb.features import multi_feature_drifting_loss
 
     step = 0
-    if resume and ckpts:                                             # exact resume: every state of every process
-        meta = check_resumable(ckpts[-1], cfg, world)
-        accelerator.load_state(str(ckpts[-1]))
-        rs = torch.load(ckpts[-1] / f"rank_{rank}.pt", weights_only=False)
+    if found:                                                        # exact resume: every state of every process
+        ckpt, meta = found
+        rs = load_checkpoint(ckpt, meta, accelerator, model, opt, sched, emas)
         queue.load_state_dict(rs["queue"]); loader.load_state_dict(rs["loader"])
-        gen.set_state(rs["gen"]); gen_dev.set_state(rs["gen_dev"].to(gen_dev.get_state().device)); sched.load_state_dict(rs["sched"])
-        for d, ema, n in zip(cfg.ema_decays, emas, meta["ema_n_averaged"]):
-            ema.module.load_state_dict(load_file(str(ckpts[-1] / _ema_name(d)), device=str(device)))
-            ema.n_averaged.fill_(n)
+        gen.set_state(rs["gen"]); gen_dev.set_state(rs["gen_dev"].to(gen_dev.get_state().device))
         step = meta["step"]
-        if main: _truncate_metrics(out, step); print(f"resumed from {ckpts[-1]} at step {step}")
+        if main: print(f"resumed from {ckpt} at step {step}")
     else:
         used = fill_queue(queue, loader, cfg.Npos, cfg.Nunc)         # every class holds Npos samples before step 1
         if main: print(f"sample queue filled with {used} batches of {cfg.queue_push}")
-    last_ckpt = ckpts[-1] if (resume and ckpts) else None
+    last_ckpt = found[0] if found else None
 
     def rank_state():
-        return dict(queue=queue.state_dict(), loader=loader.state_dict(), gen=gen.get_state(),
-                    gen_dev=gen_dev.get_state(), sched=sched.state_dict())
+        return dict(queue=queue.state_dict(), loader=loader.state_dict(), gen=gen.get_state(), gen_dev=gen_dev.get_state())
 
     if main:
         accelerator.init_trackers("tb", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in asdict(cfg).items()})
@@ -565,7 +509,7 @@ def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None) -> dict:
                        effective_batch=cfg.Nc * cfg.Nneg, skipped_images=int(getattr(dataset, "num_skipped", 0)),
                        features={k: round(v, 5) for k, v in feats.items()})
             if main:
-                _log(out, row)
+                log_metrics(out, row)
                 accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", ips=f"{row['imgs_per_s']:.0f}")
             summary = row
@@ -573,15 +517,15 @@ def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None) -> dict:
             save_sample_grid(emas[0].module, cfg, decode, out / "samples" / f"step_{step:08d}.png", cfg.sample_alpha, device)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps and main:
             scores = evaluate_run_model(emas[0].module, cfg, device, decode)
-            if scores: _log(out, dict(step=step, eval=scores)); accelerator.log(_flat_scores(scores), step=step)
+            if scores: log_metrics(out, dict(step=step, eval=scores)); accelerator.log(_flat_scores(scores), step=step)
         if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
-            last_ckpt = save_checkpoint(accelerator, out, step, cfg, rank_state(), emas, cfg.keep_ckpts)
+            last_ckpt = save_checkpoint(accelerator, out, step, cfg, model, opt, sched, emas, rank_state(), cfg.keep_ckpts)
     bar.close()
     if main:
         save_sample_grid(emas[0].module, cfg, decode, out / "samples.png", cfg.sample_alpha, device)
         scores = evaluate_run_model(emas[0].module, cfg, device, decode, out=out)
         if scores:
-            _log(out, dict(step=step, eval=scores)); accelerator.log(_flat_scores(scores), step=step)
+            log_metrics(out, dict(step=step, eval=scores)); accelerator.log(_flat_scores(scores), step=step)
             summary["eval"] = scores
     accelerator.end_training()
     return summary
@@ -627,42 +571,6 @@ def evaluate_run_model(model, cfg: TrainConfig, device, decode, out: Path | None
         save_sample_grid(model, cfg, decode, out / "samples_per_class.png", best, device, n_per_class=10)
         (out / "scores.json").write_text(json.dumps(res, indent=1))
     return res
-
-# %% ../nbs/07_train.ipynb #0a01784e
-class Run:
-    "A trained generator and what is needed to turn its samples into images."
-    def __init__(self, model, config: dict, decode):
-        self.model, self.config, self._decode = model, config, decode
-        self.num_classes = config["num_classes"]
-
-    @torch.no_grad()
-    def sample(self, labels, alpha: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
-        "uint8 images [n,H,W,C] for labels [n] at CFG scale alpha (1 NFE)."
-        from drifting_nb.generator import generate
-        dev = next(self.model.parameters()).device
-        x = generate(self.model, torch.as_tensor(labels, device=dev), alpha, generator=generator)
-        return (self._decode(x) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
-
-def load_run(run_dir, ema: bool = True, device="cpu", decay=None) -> Run:
-    "The generator of a run folder: EMA weights (`decay`, default the first) or the latest checkpoint's model."
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file(): raise FileNotFoundError(f"{run_dir} is not a run folder (no config.json)")
-    cfg = TrainConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in json.loads((run_dir / "config.json").read_text()).items()})
-    model = build_model(cfg)
-    if ema:
-        d = cfg.ema_decays[0] if decay is None else decay
-        f = run_dir / _ema_name(d)
-        if not f.is_file(): raise FileNotFoundError(f"{f} not found: the run has written no checkpoint yet (EMA decays {cfg.ema_decays})")
-        sd = load_file(str(f))
-    else:
-        ck = list_checkpoints(run_dir)
-        if not ck: raise FileNotFoundError(f"{run_dir} holds no checkpoint")
-        sd = load_file(str(ck[-1] / "model.safetensors"))
-    try: model.load_state_dict(sd)
-    except RuntimeError as e:
-        raise ValueError(f"the weights in {run_dir} do not fit generator {cfg.generator!r}: {str(e)[:300]}") from None
-    model = model.to(device).eval()
-    return Run(model, asdict(cfg), make_decode(cfg, load_vae(cfg)))
 
 # %% ../nbs/07_train.ipynb #aeadb6db
 def main(argv=None):

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 from .features import build_encoder, save_encoder, load_encoder
+from .runtime import (cpu_threads, process_state, RunLock, watch_parent, save_state, load_state,
+                                 rng_state, set_rng_state)
 from .mae import MAE, CropDataset, mae_loss, random_patch_mask, cls_lambda
 
 # %% auto #0
@@ -161,9 +163,12 @@ def train_mae(cfg: MAEConfig, output_dir, data_dir=None, max_steps: int | None =
               resume: bool = False, preset: str = "", progress: bool = True) -> dict:
     """Pretrain a ResNet encoder as an MAE (A.3), then optionally fine-tune with the class head (A.4).
     Returns {"step", "history" (logged metrics), "encoder" (folder of the saved EMA encoder)}.
-    Torch runs on cfg.cpu_threads threads meanwhile (`drifting_nb.latents.cpu_threads`)."""
-    from drifting_nb.latents import cpu_threads
-    with cpu_threads(cfg.cpu_threads): return _train_mae(cfg, output_dir, data_dir, max_steps, seed, resume, preset, progress)
+    Torch runs on cfg.cpu_threads threads meanwhile (`drifting_nb.runtime.cpu_threads`), and the main process holds
+    the lock of `output_dir` (`RunLock`): a second process on the same folder is refused, naming the first."""
+    with cpu_threads(cfg.cpu_threads):
+        if not process_state().is_main_process:
+            return _train_mae(cfg, output_dir, data_dir, max_steps, seed, resume, preset, progress)
+        with RunLock(output_dir): return _train_mae(cfg, output_dir, data_dir, max_steps, seed, resume, preset, progress)
 
 def _train_mae(cfg: MAEConfig, output_dir, data_dir=None, max_steps: int | None = None, seed: int = 0,
                resume: bool = False, preset: str = "", progress: bool = True) -> dict:
@@ -173,7 +178,6 @@ def _train_mae(cfg: MAEConfig, output_dir, data_dir=None, max_steps: int | None 
     from tqdm.auto import tqdm
     from drifting_nb.data import InfiniteLoader
     output_dir = Path(output_dir)
-    from drifting_nb.latents import process_state
     mp = cfg.mixed_precision
     if mp == "auto": mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     acc = Accelerator(cpu=process_state().device.type == "cpu", mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum,
@@ -204,7 +208,6 @@ def _train_mae(cfg: MAEConfig, output_dir, data_dir=None, max_steps: int | None 
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
     model, opt = acc.prepare(model, opt)
     ema.to(acc.device)
-    acc.register_for_checkpointing(ema)
     # resume
     step, metrics_file = 0, output_dir / "metrics.jsonl"
     if resume and _checkpoints(output_dir):
@@ -213,7 +216,7 @@ def _train_mae(cfg: MAEConfig, output_dir, data_dir=None, max_steps: int | None 
         diff = {k: (state["config"][k], getattr(cfg, k)) for k in _ARCH_KEYS
                 if json.dumps(state["config"][k]) != json.dumps(getattr(cfg, k))}
         if diff: raise ValueError(f"checkpoint {last} was written with a different model: {diff} (saved, now)")
-        acc.load_state(str(last))
+        _load_checkpoint(acc, last, state, model, opt, ema)
         loader.load_state_dict({**state["loader"], "rank": acc.process_index})   # same position on every process
         step = state["step"]
         acc.print(f"resumed from {last} at step {step}")
@@ -255,7 +258,7 @@ def _train_mae(cfg: MAEConfig, output_dir, data_dir=None, max_steps: int | None 
                 with open(metrics_file, "a") as f: f.write(json.dumps(row) + "\n")
             if cfg.log_with != "none": acc.log(row, step=step)
         if step % cfg.save_every == 0 or step == total:
-            _save_checkpoint(acc, output_dir, step, cfg, loader, preset)
+            _save_checkpoint(acc, output_dir, step, cfg, loader, preset, model, opt, ema)
     bar.close()
     acc.wait_for_everyone()
     if acc.is_main_process:
@@ -263,20 +266,41 @@ def _train_mae(cfg: MAEConfig, output_dir, data_dir=None, max_steps: int | None 
     acc.end_training()
     return dict(step=step, history=history, encoder=output_dir)
 
-def _save_checkpoint(acc, output_dir: Path, step: int, cfg: MAEConfig, loader, preset: str):
-    "accelerator.save_state into a temporary folder, then an atomic rename; keeps the last cfg.keep_checkpoints."
+def _save_checkpoint(acc, output_dir: Path, step: int, cfg: MAEConfig, loader, preset: str, model, opt, ema):
+    """Weights, optimizer and every process's RNG states as safetensors (no pickle: a run folder may come from anyone)
+    into a temporary folder, then an atomic rename; keeps the last cfg.keep_checkpoints."""
     final = output_dir / "checkpoints" / f"step_{step:07d}"
     tmp = final.with_name(final.name + ".tmp")
-    if acc.is_main_process and tmp.exists(): shutil.rmtree(tmp)
-    acc.wait_for_everyone()
-    acc.save_state(str(tmp))
     if acc.is_main_process:
+        if tmp.exists(): shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    save_state(tmp / f"rank_{acc.process_index}.safetensors", rng_state())
+    if acc.is_main_process:
+        save_state(tmp / "train_state.safetensors", dict(model=acc.unwrap_model(model).state_dict(), ema=ema.state_dict(),
+                                                         optimizer=opt.state_dict(),
+                                                         scaler=acc.scaler.state_dict() if acc.scaler is not None else None))
         (tmp / "trainer_state.json").write_text(json.dumps(dict(step=step, preset=preset, loader=loader.state_dict(),
                                                                 config=asdict(cfg))))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
         if final.exists(): shutil.rmtree(final)
         os.replace(tmp, final)
         for old in _checkpoints(output_dir)[:-cfg.keep_checkpoints]: shutil.rmtree(old)
     acc.wait_for_everyone()
+
+def _load_checkpoint(acc, ckpt: Path, state: dict, model, opt, ema):
+    "Read back what `_save_checkpoint` wrote (safetensors and JSON only); an unreadable file is named."
+    if not (ckpt / "train_state.safetensors").is_file():
+        raise ValueError(f"checkpoint {ckpt} has no train_state.safetensors: it was written by an older drifting_nb "
+                         "(pickled state, which is not read); start this pretraining in a new --output-dir")
+    try:
+        ts = load_state(ckpt / "train_state.safetensors")
+        rs = load_state(ckpt / f"rank_{acc.process_index}.safetensors")
+    except Exception as e: raise ValueError(f"checkpoint {ckpt} is damaged: {str(e)[:300]}") from None
+    acc.unwrap_model(model).load_state_dict(ts["model"]); ema.load_state_dict(ts["ema"]); opt.load_state_dict(ts["optimizer"])
+    if ts["scaler"] is not None and acc.scaler is not None: acc.scaler.load_state_dict(ts["scaler"])
+    set_rng_state(rs)
 
 # %% ../nbs/04b_train_mae.ipynb #c4716867
 def parse_args(argv=None):
@@ -304,6 +328,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     "Entry point of `accelerate launch -m drifting_nb.train_mae` / `python -m drifting_nb.train_mae`."
+    watch_parent()                                     # started by drifting_nb.train: end with it (notebook 06a)
     preset, cfg, args = parse_args(argv)
     out = args.output_dir or f"runs/mae-{preset}"
     return train_mae(cfg, out, args.data_dir, args.max_steps, args.seed, args.resume, preset)

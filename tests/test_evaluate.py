@@ -10,6 +10,7 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
 import drifting_nb.sample as sample_mod
+import drifting_nb.run as run_mod
 import drifting_nb.evaluate as ev
 from drifting_nb.data import digits_split
 
@@ -68,6 +69,7 @@ def standin(monkeypatch, tmp_path):
     run = DigitsRun()
     (tmp_path / "run").mkdir()
     monkeypatch.setattr(sample_mod, "load_run", lambda run_dir, ema=True, device="cpu", decay=None: run)
+    monkeypatch.setattr(run_mod, "load_run", lambda run_dir, ema=True, device="cpu", decay=None: run)   # evaluate's way in
     return run
 
 
