@@ -75,8 +75,8 @@ def plotly_png(fig, dpi: int = 96) -> bytes:
         if "lines" in mode: ax.plot(x, y, color=_mpl_color(ln.get("color")), lw=0.75 * ln.get("width", 2))
         if "markers" in mode and mk.get("opacity", 1) > 0:
             c = mk.get("color")
-            ax.scatter(x, y, s=(0.75 * mk.get("size", 6)) ** 2, lw=0, alpha=mk.get("opacity", 1),
-                       c=[_mpl_color(v) for v in c] if isinstance(c, (list, tuple)) else _mpl_color(c))
+            colors = dict(c=[_mpl_color(v) for v in c]) if isinstance(c, (list, tuple)) else dict(color=_mpl_color(c))
+            ax.scatter(x, y, s=(0.75 * mk.get("size", 6)) ** 2, lw=0, alpha=mk.get("opacity", 1), **colors)
     for a in lay.get("annotations", []):
         if a.get("xref") == "paper" and a.get("yref") == "paper" and a.get("text"):
             f.text(x0 + pw * a["x"], y0 + ph * a["y"], a["text"], ha="center", va="bottom", fontsize=10)
@@ -88,10 +88,13 @@ class _StillPNG(MimetypeRenderer):
     "A plotly renderer that shows `plotly_png` (registered as 'still_png')."
     def to_mimebundle(self, fig_dict): return {"image/png": base64.b64encode(plotly_png(fig_dict)).decode()}
 
+_RENDERER = {}
+
 def static_plotly(on: bool = True) -> str:
-    "Show plotly figures as `plotly_png` stills from now on (on=False: plotly's interactive renderer); returns the default."
+    "Show plotly figures as `plotly_png` stills from now on (on=False: back to the renderer before); returns the default."
     pio.renderers["still_png"] = _StillPNG()
-    pio.renderers.default = "still_png" if on else "plotly_mimetype+notebook"
+    if on and pio.renderers.default != "still_png": _RENDERER["before"] = pio.renderers.default
+    pio.renderers.default = "still_png" if on else _RENDERER.get("before", pio.renderers.default)
     return pio.renderers.default
 
 # %% ../nbs/02_interactive.ipynb #b7e1a005
@@ -311,7 +314,8 @@ class FieldExplorer:
         t0 = time.perf_counter()
         Vp, Vm, V = self.fields()
         x = self.gen.numpy()
-        segs = [_arrow_segments(x, self.scale.value * v.numpy(), head=0.2) if self.parts[k].value else ([], [])
+        live = len(self.gen) >= 2 and len(self.data) >= 1
+        segs = [_arrow_segments(x, self.scale.value * v.numpy(), head=0.2) if live and self.parts[k].value else ([], [])
                 for k, v in (("V+", Vp), ("-V-", -Vm), ("V", V))]
         pick = [] if self.picked is None else [(self.data if self.picked[0] == "data" else self.gen)[self.picked[1]].tolist()]
         with self.fig.batch_update():
