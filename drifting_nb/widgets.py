@@ -88,14 +88,11 @@ class _StillPNG(MimetypeRenderer):
     "A plotly renderer that shows `plotly_png` (registered as 'still_png')."
     def to_mimebundle(self, fig_dict): return {"image/png": base64.b64encode(plotly_png(fig_dict)).decode()}
 
-_RENDERER = {}
-
-def static_plotly(on: bool = True) -> str:
-    "Show plotly figures as `plotly_png` stills from now on (on=False: back to the renderer before); returns the default."
+def static_plotly() -> str:
+    "Show plotly figures as `plotly_png` stills from now on; returns the renderer this replaces (to set it back)."
     pio.renderers["still_png"] = _StillPNG()
-    if on and pio.renderers.default != "still_png": _RENDERER["before"] = pio.renderers.default
-    pio.renderers.default = "still_png" if on else _RENDERER.get("before", pio.renderers.default)
-    return pio.renderers.default
+    before, pio.renderers.default = pio.renderers.default, "still_png"
+    return before
 
 # %% ../nbs/02_interactive.ipynb #b7e1a005
 _DRAW = threading.Lock()      # one matplotlib drawing at a time, whichever thread a widget callback runs on
@@ -160,16 +157,17 @@ class ToyPanel:
     """An ipywidgets panel around `train_fn` (default `train_toy`): controls -> options, Train, then Play/slider over
     the snapshots, drawn once each by `SnapshotFrames` and shown in an Image. `threads`: torch's CPU threads while
     training (None: leave torch's setting)."""
-    def __init__(self, train_fn=train_toy, steps: int = 400, n: int = 512, lr: float = 3e-3, threads: int | None = 1,
+    def __init__(self, train_fn=train_toy, steps: int = 500, n: int = 512, lr: float = 1e-2, threads: int | None = 1,
                  interval: int = 80):
         self.train_fn, self.threads, self.history, self.model, self.frames, self.shown = train_fn, threads, None, None, None, None
         s = dict(style={"description_width": "9em"}, layout=W.Layout(width="100%"))
         self.target = W.Dropdown(options=list(TARGETS), value="checkerboard", description="target", **s)
         self.init = W.Dropdown(options=list(INITS), value="network default", description="q starts", **s)
-        self.taus = W.SelectMultiple(options=[0.01, 0.02, 0.05, 0.1, 0.2, 0.5], value=(0.05,), rows=3,
+        self.taus = W.SelectMultiple(options=[0.01, 0.02, 0.05, 0.1, 0.2, 0.5], value=(0.02, 0.05, 0.2), rows=3,
                                      description="temperatures τ", **s)
+        self.drift_norm = W.Checkbox(value=True, description="normalise each τ's drift (Sec. 3.4)", indent=False, **s)
         self.normalize = W.ToggleButtons(options=["xy", "y", "none"], value="xy", description="normalise",
-                                         style={"description_width": "9em", "button_width": "3.6em"})
+                                         style={"description_width": "9em", "button_width": "auto"})
         self.pos_mult = W.FloatSlider(value=1.0, min=0.0, max=2.0, step=0.1, description="attraction ×", **s)
         self.neg_mult = W.FloatSlider(value=1.0, min=0.0, max=2.0, step=0.1, description="repulsion ×", **s)
         sizes = [64, 128, 256, 512, 1024, 2048]
@@ -184,20 +182,23 @@ class ToyPanel:
         self.slider = W.IntSlider(value=0, min=0, max=0, description="snapshot", continuous_update=True,
                                   style={"description_width": "5em"}, layout=W.Layout(flex="1 1 auto", width="auto"))
         W.jslink((self.play, "value"), (self.slider, "value"))
-        self.image = W.Image(format="png", layout=W.Layout(width="100%", max_width="50em", height="auto"))
+        self.stack = W.Stack([W.HTML("<i>no run yet: press Train</i>")], selected_index=0,   # then one Image a frame,
+                             layout=W.Layout(width="100%", max_width="50em"))                 # shown one at a time
+        W.jslink((self.slider, "value"), (self.stack, "selected_index"))
         self.train_button.on_click(self.train)
         self.slider.observe(lambda ch: self.show(ch["new"]), names="value")
-        controls = _column(self.target, self.init, self.taus, self.normalize, self.pos_mult, self.neg_mult, self.n_pos,
+        controls = _column(self.target, self.init, self.taus, self.drift_norm, self.normalize, self.pos_mult, self.neg_mult, self.n_pos,
                            self.n_neg, self.steps, self.lr, W.HBox([self.train_button]), self.progress, self.status,
                            flex="0 1 24em", min_width="18em", margin="0 1em 0 0")
-        view = _column(W.HBox([self.play, self.slider], layout=W.Layout(width="100%")), self.image,
+        view = _column(W.HBox([self.play, self.slider], layout=W.Layout(width="100%")), self.stack,
                        flex="1 1 30em", min_width="18em")
         self.widget = W.HBox([controls, view], layout=W.Layout(flex_flow="row wrap", width="100%", align_items="flex-start"))
 
     def options(self) -> dict:
         "The keyword arguments the controls currently ask `train_fn` for (ToyConfig fields)."
         return dict(steps=self.steps.value, lr=self.lr.value, warmup=min(20, self.steps.value // 10), schedule="cosine", n_pos=self.n_pos.value,
-                    n_neg=self.n_neg.value, taus=tuple(sorted(self.taus.value)) or (0.05,), normalize=self.normalize.value,
+                    n_neg=self.n_neg.value, taus=tuple(sorted(self.taus.value)) or (0.05,), drift_norm=self.drift_norm.value,
+                    normalize=self.normalize.value,
                     pos_mult=self.pos_mult.value, neg_mult=self.neg_mult.value, init_center=INITS[self.init.value],
                     snapshot_every=max(1, self.steps.value // 40), n_snapshot=800, grid=16)
 
@@ -217,21 +218,24 @@ class ToyPanel:
             self.status.value = f"trained in {t1 - t0:.1f} s ({n_threads} thread(s)); drawing frames..."
             self.frames = SnapshotFrames(self.history)
             per_frame = self.frames.render_all()
-            self.status.value = (f"trained in {t1 - t0:.1f} s ({n_threads} thread(s)); {len(self.frames)} frames "
-                                 f"({per_frame * 1000:.0f} ms each); final mean V² {self.history.drift[-1]:.2e}")
+            r = evaluate_toy(self.model, TARGETS[self.target.value], 2000, repeats=1)
+            self.status.value = (f"trained in {t1 - t0:.1f} s ({n_threads} thread(s)); energy distance {r['energy']:.1e} "
+                                 f"= <b>{r['ratio']:.1f} x</b> the noise floor; {len(self.frames)} frames "
+                                 f"({per_frame * 1000:.0f} ms each to draw)")
         finally:
             self.train_button.disabled = False
         self.play.value = 0
+        self.stack.children = [W.Image(value=self.frames.png(i), format="png", layout=W.Layout(width="100%", height="auto"))
+                               for i in range(len(self.frames))]
         self.slider.max = self.play.max = len(self.frames) - 1
         if self.slider.value == self.slider.max: self.show(self.slider.max)
         else: self.slider.value = self.slider.max
         return self.history
 
     def show(self, i: int):
-        "Show snapshot i's frame (drawn once, then cached)."
+        "Show snapshot i's frame. (In the browser the slider moves the Stack itself: Play flips images already there.)"
         if self.frames is None: return
-        self.image.value = self.frames.png(i)
-        self.shown = i
+        self.stack.selected_index = self.shown = i
 
     def _repr_mimebundle_(self, **kw):
         "The widget; and the frame on screen as a PNG, which a saved notebook keeps (the widget needs a live kernel)."
@@ -253,10 +257,10 @@ class FieldExplorer:
                     else torch.as_tensor(generated, dtype=torch.float32)).reshape(-1, 2).clone()
         self.lim, self.threads, self.picked, self.model, self.history, self.timings = lim, threads, None, None, None, []
         s = dict(style={"description_width": "7.5em"}, layout=W.Layout(width="100%"))
-        self.mode = W.ToggleButtons(options=self.MODES, value="add data", style={"button_width": "7em"})
+        self.mode = W.ToggleButtons(options=self.MODES, value="add data", style={"button_width": "auto"})
         self.tau = W.FloatLogSlider(value=tau, base=10, min=-2, max=0, step=0.05, description="τ", readout_format=".3f", **s)
         self.normalize = W.ToggleButtons(options=["xy", "y", "none"], value=normalize, description="normalise",
-                                         style={"description_width": "7.5em", "button_width": "3.6em"})
+                                         style={"description_width": "7.5em", "button_width": "auto"})
         self.pos_mult = W.FloatSlider(value=1.0, min=0.0, max=2.0, step=0.1, description="attraction ×", **s)
         self.neg_mult = W.FloatSlider(value=1.0, min=0.0, max=2.0, step=0.1, description="repulsion ×", **s)
         self.scale = W.FloatLogSlider(value=1.0, base=10, min=-1, max=1, step=0.05, description="arrow length ×", **s)

@@ -6,6 +6,7 @@ import io, threading
 import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
+import plotly.io as pio
 import pytest
 import torch
 from PIL import Image
@@ -30,14 +31,14 @@ def test_panel_controls_reach_train_toy():
         return small_train(sampler, callback, **opts)
     p = ToyPanel(train_fn=fake_train, threads=3)
     p.target.value, p.init.value = "bimodal", "far away"
-    p.taus.value, p.normalize.value = (0.02, 0.2), "none"
+    p.taus.value, p.normalize.value, p.drift_norm.value = (0.02, 0.2), "none", False
     p.pos_mult.value, p.neg_mult.value = 1.5, 0.5
     p.n_pos.value, p.n_neg.value, p.steps.value = 128, 256, 300
     assert p.options()["taus"] == (0.02, 0.2)
     before = torch.get_num_threads()
     h = p.train()
     assert seen["sampler"] is TARGETS["bimodal"] and seen["init_center"] == INITS["far away"]
-    assert (seen["normalize"], seen["pos_mult"], seen["neg_mult"]) == ("none", 1.5, 0.5)
+    assert (seen["normalize"], seen["pos_mult"], seen["neg_mult"], seen["drift_norm"]) == ("none", 1.5, 0.5, False)
     assert (seen["n_pos"], seen["n_neg"], seen["steps"]) == (128, 256, 300)
     assert seen["threads"] == 3 and torch.get_num_threads() == before   # the panel's own threads, then restored
     assert p.slider.max == p.play.max == len(h.snapshots) - 1
@@ -53,7 +54,8 @@ def test_slider_flips_cached_frames_without_pyplot():
     for i in (1, 3, 0):
         p.slider.value = i
         assert p.shown == i and h.snapshots[p.shown]["step"] == 3 * i
-        assert p.image.value == p.frames.cache[i] and p.image.value[:4] == b"\x89PNG"
+        assert p.stack.selected_index == i and p.stack.children[i].value == p.frames.cache[i]
+    assert len(p.stack.children) == len(h.snapshots) and p.stack.children[0].value[:4] == b"\x89PNG"
     assert plt.get_fignums() == []                               # nothing went through pyplot's global state
     assert "image/png" in p._repr_mimebundle_()                  # a saved notebook keeps the frame on screen
 
@@ -93,12 +95,12 @@ def test_plotly_stills_keep_the_figure_and_not_plotly_js():
     assert img.size == (fig.layout.width, fig.layout.height)
     a = np.asarray(img).astype(int)
     assert ((a[..., 0] > 200) & (a[..., 1] > 100) & (a[..., 1] < 180) & (a[..., 2] < 80)).sum() > 20   # orange samples
+    before = static_plotly()
     try:
-        static_plotly()
         bundle = fig._repr_mimebundle_()
         assert list(bundle) == ["image/png"] and len(bundle["image/png"]) < 500_000
     finally:
-        static_plotly(False)
+        pio.renderers.default = before
 
 
 def _click(ex, trace, i):
