@@ -126,3 +126,13 @@ def test_training_runs_on_a_released_encoder(tmp_path):
     summary = train(cfg)
     assert not (tmp_path / "run" / "encoder").exists()             # nothing pretrained: the released encoder is used
     assert summary is not None
+
+
+def test_parameter_counts_equal_the_releases():
+    "The released MAE configs built here (meta device) have the parameter counts the release's code computes."
+    from drifting_nb.release import build_mae
+    counts = json.loads((FIXTURES / "mae_param_counts.json").read_text())
+    for name, mc in counts["configs"].items():
+        with torch.device("meta"): m = build_mae(mc)
+        ours = {"encoder": m.encoder, "decoder": m.decoder, "fc": m.head}
+        assert {k: sum(p.numel() for p in v.parameters()) for k, v in ours.items()} == counts["counts"][name], name
