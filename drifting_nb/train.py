@@ -92,7 +92,7 @@ _IMAGENET = dict(num_classes=1000, image_size=256, warmup_steps=10_000, Nunc=32,
                  sample_every=5000, ckpt_every=5000, log_every=50, eval_every=0)
 _LATENT = dict(_IMAGENET, dataset="latents", space="latent", vae="stabilityai/sd-vae-ft-ema", channels=3,
                queue_dtype="bfloat16")                                # 128 x 1000 latents: 1 GB per process
-_PIXEL = dict(_IMAGENET, dataset="imagefolder", space="pixel", channels=3, extra_encoder="convnextv2:convnextv2_base",
+_PIXEL = dict(_IMAGENET, dataset="imagefolder", space="pixel", channels=3, extra_encoder="convnextv2:facebook/convnextv2-base-22k-224",
               queue_dtype="uint8")                                    # 128 x 1000 images: 25 GB per process
 _EMAS = (0.999, 0.9995, 0.9998, 0.9999)
 
@@ -313,10 +313,7 @@ def build_phi(cfg: TrainConfig, device, vae=None):
     if cfg.extra_encoder:
         kind, _, where = cfg.extra_encoder.partition(":")
         if kind != "convnextv2": raise ValueError(f"extra_encoder must look like 'convnextv2:NAME_OR_PATH', got {cfg.extra_encoder!r}")
-        is_file = Path(where).is_file()
-        cnx = Fx.convnextv2_encoder(checkpoint=where if is_file else None, pretrained=not is_file,
-                                    **({} if is_file else {"name": where})).to(device).requires_grad_(False).eval()
-        pix = functools.partial(Fx.extract_features, cnx, feature_set=cfg.feature_set, include_raw=False, include_input_rms=False)
+        pix = Fx.convnextv2_features(where or Fx.CONVNEXTV2_CHECKPOINT).to(device)   # the release's 13 terms (hub id or folder)
         if vae is not None: pix = Fx.with_vae_decoder(pix, vae.vae.to(device), vae.scaling_factor)
         phi = Fx.merge_feature_fns({"mae": phi, "convnext": pix})
     return phi

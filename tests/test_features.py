@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from drifting_nb.features import (build_encoder, extract_features, map_features, multi_feature_drifting_loss,
-                                  load_resnet50, convnextv2_encoder, with_vae_decoder, merge_feature_fns,
+                                  load_resnet50, with_vae_decoder, merge_feature_fns,
                                   save_encoder, load_encoder, TorchvisionResNetFeatures)
 
 MAPS = ["s1b2", "s1b3", "s2b2", "s2b4", "s3b2", "s3b4", "s3b6", "s4b2", "s4b3"]
@@ -197,18 +197,6 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
         load_resnet50(tmp_path / "junk.pth")
     with pytest.raises(FileNotFoundError, match="not found"):
         load_resnet50(tmp_path / "missing.pth")
-
-
-def test_convnextv2_features(tmp_path):
-    pytest.importorskip("timm")
-    enc = convnextv2_encoder("convnextv2_atto").requires_grad_(False)
-    with torch.no_grad(): f = extract_features(enc, torch.rand(1, 3, 64, 64) * 2 - 1, include_raw=False)
-    assert f["s1b2.loc"].shape == (1, 16 * 16, 40) and f["s4b2.mean"].shape == (1, 1, 320)
-    torch.save(enc.model.state_dict(), tmp_path / "cnx.pth")
-    again = convnextv2_encoder("convnextv2_atto", checkpoint=tmp_path / "cnx.pth")
-    assert torch.equal(again.model.stages[3].blocks[1].mlp.fc1.weight, enc.model.stages[3].blocks[1].mlp.fc1.weight)
-    with pytest.raises(ValueError, match="does not fit"):
-        convnextv2_encoder("convnextv2_pico", checkpoint=tmp_path / "cnx.pth")
 
 
 def _tiny_vae():
