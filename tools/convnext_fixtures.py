@@ -1,7 +1,8 @@
 """Regenerate the ConvNeXt-V2 parity fixture of `tests/test_convnext.py` from a fetched copy of the authors' release.
 
 Run with a Python that has JAX/flax (as for tools/release_fixtures.py) and also torch and transformers (the release's
-weight converter reads a PyTorch state dict):
+weight converter reads a PyTorch state dict; a JAX env of the same Python version can borrow them by appending the
+site-packages of an env that has them to sys.path, after its own numpy):
 
     python tools/convnext_fixtures.py PATH_TO_RELEASE tests/fixtures/convnext
 
