@@ -366,10 +366,7 @@ def build_phi(cfg: TrainConfig, device, vae=None):
     if cfg.extra_encoder:
         kind, _, where = cfg.extra_encoder.partition(":")
         if kind != "convnextv2": raise ValueError(f"extra_encoder must look like 'convnextv2:NAME_OR_PATH', got {cfg.extra_encoder!r}")
-        is_file = Path(where).is_file()
-        cnx = Fx.convnextv2_encoder(checkpoint=where if is_file else None, pretrained=not is_file,
-                                    **({} if is_file else {"name": where})).to(device).requires_grad_(False).eval()
-        pix = functools.partial(Fx.extract_features, cnx, feature_set=cfg.feature_set, include_global=False)
+        pix = Fx.convnextv2_features(where or Fx.CONVNEXTV2_CHECKPOINT).to(device)   # the release's 13 terms (hub id or folder)
         if vae is not None: pix = Fx.with_vae_decoder(pix, vae.vae.to(device), vae.scaling_factor)
         phi = Fx.merge_feature_fns({"mae": phi, "convnext": pix})
     return phi
