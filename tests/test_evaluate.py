@@ -67,7 +67,8 @@ class DigitsRun:
 def standin(monkeypatch, tmp_path):
     run = DigitsRun()
     (tmp_path / "run").mkdir()
-    monkeypatch.setattr(sample_mod, "load_run", lambda run_dir, ema=True, device="cpu", decay=None: run)
+    for mod in (sample_mod, ev._run):                                  # sampling and evaluation both load runs
+        monkeypatch.setattr(mod, "load_run", lambda run_dir, ema=True, device="cpu", decay=None: run)
     return run
 
 
