@@ -32,7 +32,7 @@ def naive_loss(gen, pos, neg, neg_weight, taus=(0.02, 0.05, 0.2)):
             s = S / math.sqrt(D)
             dist = dist / S + 100 * torch.nn.functional.pad(torch.eye(N, device=x.device), (0, targets.shape[1] - N))
             logits = -dist / tau
-            A = (logits.softmax(-1) * logits.softmax(-2)).sqrt().clamp_min(1e-6) * w
+            A = (logits.softmax(-1) * logits.softmax(-2)).clamp_min(1e-6).sqrt() * w   # as released
             A_neg, A_pos = A[..., :N + neg.shape[1]], A[..., N + neg.shape[1]:]
             W = torch.cat([-A_neg * A_pos.sum(-1, keepdim=True), A_pos * A_neg.sum(-1, keepdim=True)], -1)
             V = (W @ targets - W.sum(-1, keepdim=True) * x) / s

@@ -140,8 +140,11 @@ def resolve_split(data_dir, split:str|None="train") -> Path:
     return d/split if split and (d/split).is_dir() else d
 
 def image_folder(data_dir, size:int=256, split:str|None="train", augment:str="center", classes=None) -> SafeImageFolder:
-    "ImageNet-style folder as [3,size,size] tensors in [-1,1]; `augment` is 'center' (ADM crop) or 'rrc' (MAE)."
-    tfms = {"center": adm_transform, "rrc": rrc_transform}
+    """ImageNet-style folder as [3,size,size] tensors in [-1,1]; `augment` is 'center' (ADM crop), 'center-flip' (ADM
+    crop and random horizontal flips: the release's default for images) or 'rrc' (random resized crop 0.2-1, bicubic,
+    and flips: the release's `use_aug`, its pixel generators and MAEs)."""
+    tfms = {"center": adm_transform, "center-flip": lambda size: v2.Compose([v2.RandomHorizontalFlip(), adm_transform(size)]),
+            "rrc": rrc_transform}
     if augment not in tfms: raise ValueError(f"augment must be one of {list(tfms)}, got {augment!r}")
     return SafeImageFolder(resolve_split(data_dir, split), transform=tfms[augment](size), classes=classes)
 

@@ -4,27 +4,38 @@
 
 # %% ../nbs/00_drift.ipynb #7c35c524
 from __future__ import annotations
-import math
+import functools, math
+from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, distributed
 
 # %% auto #0
-__all__ = ['NORMALIZATIONS', 'sq_norms', 'pairwise_dist', 'mean_shift', 'compute_V', 'drifting_loss', 'feature_drift',
-           'feature_drifting_loss', 'alpha_to_weight', 'sample_alpha']
+__all__ = ['NORMALIZATIONS', 'MIN_D2', 'MIN_SCALE', 'sq_norms', 'pairwise_dist', 'mean_shift', 'compute_V', 'drifting_loss',
+           'feature_drift', 'feature_drifting_loss', 'alpha_to_weight', 'sample_alpha']
 
 # %% ../nbs/00_drift.ipynb #2cfa9621
 def sq_norms(x: Tensor) -> Tensor:
     "Squared L2 norm of each row, x [B,N,D] -> [B,N] (a reduction: no [B,N,D] temporary)."
     return torch.linalg.vector_norm(x, dim=-1).square_()
 
-def pairwise_dist(x: Tensor, y: Tensor, x2: Tensor | None = None, y2: Tensor | None = None) -> Tensor:
+def pairwise_dist(x: Tensor, y: Tensor, x2: Tensor | None = None, y2: Tensor | None = None, eps: float = 0.0) -> Tensor:
     """L2 distances between rows: x [B,N,D], y [B,M,D] -> [B,N,M] with one `baddbmm` (no gradient needed).
-    x2 [B,N], y2 [B,M]: squared norms, when the caller already has them."""
+    x2 [B,N], y2 [B,M]: squared norms, when the caller already has them. eps: floor of the squared distances."""
     x2 = sq_norms(x) if x2 is None else x2
     y2 = sq_norms(y) if y2 is None else y2
     d2 = torch.baddbmm(y2.unsqueeze(-2), x, y.transpose(-1, -2), alpha=-2).add_(x2.unsqueeze(-1))  # [B,N,M]
-    return d2.clamp_min_(0).sqrt_()
+    return d2.clamp_min_(eps).sqrt_()
+
+# %% ../nbs/00_drift.ipynb #a1f0c3d2
+def _float32(fn):
+    "Run fn(x, ...) with autocast off on x's device, so that the field is float32 inside a bf16 training step."
+    @functools.wraps(fn)
+    def run(x, *args, **kw):
+        dev = x.device.type
+        with torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else nullcontext():
+            return fn(x, *args, **kw)
+    return run
 
 # %% ../nbs/00_drift.ipynb #37446ef1
 def mean_shift(x: Tensor, y: Tensor, tau: float = 0.05, mask_self: bool = False) -> Tensor:
@@ -76,12 +87,17 @@ def _force(x, W_pos, pos, W_neg, negs, pos_mult=1.0, neg_mult=1.0, out=None):
 
 # %% ../nbs/00_drift.ipynb #2618265f
 @torch.no_grad()
+@_float32
 def compute_V(x: Tensor, y_pos: Tensor, y_neg: Tensor | None = None, tau: float = 0.05, normalize: str = "xy",
               pos_mult: float = 1.0, neg_mult: float = 1.0) -> Tensor:
     """Drifting field V_{p,q}(x) by Alg. 2.
     x [N,D] or [B,N,D] generated samples; y_pos [(B,)P,D] positives (data); y_neg [(B,)M,D] negatives, or None to use
-    x itself with each sample's own term masked. normalize: "xy" | "y" | "none" (Table 11). Returns V like x."""
+    x itself with each sample's own term masked. normalize: "xy" | "y" | "none" (Table 11). Returns V like x
+    (computed in float32 at least, whatever the autocast)."""
     _check_normalize(normalize)
+    dtype, work = x.dtype, torch.promote_types(x.dtype, torch.float32)
+    x, y_pos = x.to(work), y_pos.to(work)
+    y_neg = None if y_neg is None else y_neg.to(work)
     squeeze = x.dim() == 2
     if squeeze: x, y_pos = x[None], y_pos[None]
     if y_neg is not None and y_neg.dim() == 2: y_neg = y_neg[None]
@@ -99,6 +115,7 @@ def compute_V(x: Tensor, y_pos: Tensor, y_neg: Tensor | None = None, tau: float 
         A[..., P:] /= (M - 1) if self_neg else M
     W_pos, W_neg = _cross_weights(A, P)
     V = _force(x, W_pos, y_pos, W_neg, [neg], pos_mult, neg_mult)
+    V = V.to(dtype)
     return V[0] if squeeze else V
 
 # %% ../nbs/00_drift.ipynb #3bac0869
@@ -116,17 +133,30 @@ def _as_weight(w, B: int, M: int, like: Tensor) -> Tensor:
     if w.dim() == 1 and w.shape[0] == B and M != B: w = w[:, None]   # one weight per problem
     return w.expand(B, M)
 
+def _all_reduce(t: Tensor) -> Tensor:
+    "Sum t over all processes in place (torch.distributed, default group)."
+    if not (distributed.is_available() and distributed.is_initialized()):
+        raise RuntimeError("global_batch=True needs torch.distributed initialised (accelerate launch, torchrun)")
+    distributed.all_reduce(t)
+    return t
+
+MIN_D2, MIN_SCALE = 1e-8, 1e-3     # as released: floors of the squared distances, of S and of the feature scale
+
 @torch.no_grad()
+@_float32
 def feature_drift(gen: Tensor, pos: Tensor, neg: Tensor | None = None, neg_weight=None,
                   taus=(0.02, 0.05, 0.2), normalize: str = "xy", pos_mult: float = 1.0, neg_mult: float = 1.0,
                   feature_norm: bool = True, drift_norm: bool = True, self_neg: bool = True,
-                  mask_value: float = 100.0, min_affinity: float = 1e-6, center="auto"):
-    """Normalised multi-temperature drift of Sec. 3.4 on a batch of independent problems.
+                  mask_value: float = 100.0, min_affinity: float = 1e-3, center="auto", global_batch: bool = False):
+    """Normalised multi-temperature drift of Sec. 3.4 on a batch of independent problems, in float32.
     gen [B,N,D] generated features; pos [B,P,D] positives; neg [B,M,D] extra negatives (CFG unconditional reals) with
     neg_weight (float, [M] or [B,M]); the generated samples are negatives too (self-masked) unless self_neg=False.
     Returns (V [B,N,D] in the normalised space, info) with info = {"scale": S/sqrt(D) the feature scale,
     "mean_dist": S, "drift_norm": [K] raw RMS drift per temperature}.
-    center: True | False | "auto" (centre each problem on its mean sample when the offset dwarfs the spread)."""
+    min_affinity: floor of the "xy" affinity sqrt(softmax_row * softmax_col); the release floors the product at 1e-6,
+    the affinity at 1e-3. center: True | False | "auto" (centre each problem on its mean sample when the offset dwarfs
+    the spread). global_batch: S and the drift RMS are means over the problems of all processes (torch.distributed
+    sums, as the release normalises over its global batch), not only over this call's."""
     _check_normalize(normalize)
     if gen.dim() != 3 or pos.dim() != 3 or pos.shape[0] != gen.shape[0] or pos.shape[2] != gen.shape[2]:
         raise ValueError(f"expected gen [B,N,D] and pos [B,P,D], got {tuple(gen.shape)} and {tuple(pos.shape)}")
@@ -147,21 +177,24 @@ def feature_drift(gen: Tensor, pos: Tensor, neg: Tensor | None = None, neg_weigh
         neg = None if neg is None else neg - c
         x2 = sq_norms(x)
     negs = ([x] if self_neg else []) + ([] if neg is None else [neg])
-    d_pos = pairwise_dist(x, pos, x2)                       # [B,N,P]
-    d_neg = torch.cat([pairwise_dist(x, n, x2, x2 if n is x else None) for n in negs], -1)   # [B,N,M_all]
+    d_pos = pairwise_dist(x, pos, x2, eps=MIN_D2)           # [B,N,P]
+    d_neg = torch.cat([pairwise_dist(x, n, x2, x2 if n is x else None, eps=MIN_D2) for n in negs], -1)   # [B,N,M_all]
+    if self_neg: d_neg[..., :N].diagonal(dim1=-2, dim2=-1).fill_(math.sqrt(MIN_D2))   # own distance: 0, floored
     P = pos.shape[1]
     w = torch.ones(B, d_neg.shape[-1], dtype=x.dtype, device=x.device)   # kernel weight of each negative
     if neg is not None: w[:, -neg.shape[1]:] = _as_weight(neg_weight, B, neg.shape[1], x)
-    # feature normalisation: weighted mean distance over all generated-vs-target pairs (one scalar per call)
-    S = (d_pos.sum() + (d_neg * w[:, None]).sum()) / (N * (B * P + w.sum()))
-    S = S.clamp_min(1e-12)
-    scale = S / math.sqrt(D) if feature_norm else torch.ones_like(S)
+    # feature normalisation: weighted mean distance over all generated-vs-target pairs, own pairs included
+    sums = torch.stack([d_pos.sum() + (d_neg * w[:, None]).sum(), N * (B * P + w.sum())])
+    if global_batch: _all_reduce(sums)                      # over the problems of every process
+    S = sums[0] / sums[1]
+    scale = (S / math.sqrt(D)).clamp_min(MIN_SCALE) if feature_norm else torch.ones_like(S)
     dist = torch.cat([d_pos, d_neg], -1)                    # [B,N,T]
-    if feature_norm: dist.div_(S)
+    if feature_norm: dist.div_(S.clamp_min(MIN_SCALE))
     if self_neg: dist[..., P:P + N].diagonal(dim1=-2, dim2=-1).add_(mask_value if feature_norm else mask_value * S)
     w_all = torch.cat([torch.ones(B, P, dtype=x.dtype, device=x.device), w], -1)[:, None]   # [B,1,T]
-    V, V_tau = torch.zeros_like(x), torch.empty_like(x)    # the summed drift and one per-temperature buffer
-    norms = []
+    # normalised units, then unit mean square per temperature (as released: the RMS is floored at 1e-4)
+    step = lambda rms: (1.0 / (scale * (rms.clamp_min(1e-4) if drift_norm else 1.0))).item()
+    V, buf, forces, sq = torch.zeros_like(x), None, [], []  # the summed drift; one force buffer, reused
     for tau in taus:
         A = _affinity(dist.div(-tau), normalize)            # [B,N,T]
         if normalize == "xy" and min_affinity: A.clamp_min_(min_affinity)
@@ -171,12 +204,17 @@ def feature_drift(gen: Tensor, pos: Tensor, neg: Tensor | None = None, neg_weigh
             A[..., :P] /= P
             A[..., P:] /= (w.sum(-1) - (1 if self_neg else 0)).clamp_min(1e-12)[:, None, None]
         W_pos, W_neg = _cross_weights(A, P)
-        _force(x, W_pos, pos, W_neg, negs, pos_mult, neg_mult, out=V_tau)      # raw units
-        rms = torch.linalg.vector_norm(V_tau).div_(math.sqrt(V_tau.numel()) * scale)   # RMS in normalised units
-        norms.append(rms)
-        # normalised units, then unit mean square (as released: the RMS is floored at 1e-4)
-        V.add_(V_tau, alpha=(1.0 / (scale * rms.clamp_min(1e-4))).item() if drift_norm else (1.0 / scale).item())
-    return V, {"scale": scale, "mean_dist": S, "drift_norm": torch.stack(norms)}
+        F_tau = _force(x, W_pos, pos, W_neg, negs, pos_mult, neg_mult, out=buf)   # raw units
+        sq.append(torch.linalg.vector_norm(F_tau).square())
+        if global_batch: forces.append(F_tau)               # kept until every process's sums are in
+        else: buf = F_tau; V.add_(F_tau, alpha=step(sq[-1].div(F_tau.numel()).sqrt_().div_(scale)))
+    ms = torch.stack(sq + [sq[0].new_tensor(float(x.numel()))])     # [K+1]: sums of squares per tau, count
+    if global_batch:
+        _all_reduce(ms)                                     # one reduction for all temperatures
+        for F_tau, s2 in zip(forces, ms):
+            V.add_(F_tau, alpha=step(s2.div(ms[-1]).sqrt_().div_(scale)))
+    rms = ms[:-1].div(ms[-1]).sqrt_().div_(scale)           # [K] RMS drift in normalised units
+    return V, {"scale": scale, "mean_dist": S, "drift_norm": rms}
 
 # %% ../nbs/00_drift.ipynb #78a261f3
 class _DriftRegression(torch.autograd.Function):
@@ -192,10 +230,12 @@ class _DriftRegression(torch.autograd.Function):
         V, s = ctx.saved_tensors
         return (V * (g * (-2.0 / V.numel()) / s)).to(ctx.gen_dtype), None, None   # one pass over [B,N,D]
 
+@_float32
 def feature_drifting_loss(gen: Tensor, pos: Tensor, neg: Tensor | None = None, neg_weight=None, **kw):
     """Eq. (13)/(6) in a normalised feature space, summed over temperatures (Sec. 3.4, A.6).
     gen [B,N,D] with grad (B problems = class x feature location), pos [B,P,D], neg [B,M,D] weighted CFG negatives,
-    neg_weight float | [M] | [B,M]; keywords as `feature_drift`. Returns (scalar loss, info dict).
+    neg_weight float | [M] | [B,M]; keywords as `feature_drift` (global_batch=True in a multi-process run).
+    Returns (scalar float32 loss, info dict), whatever the caller's autocast.
     The value and gradient are those of mean((gen/s - stopgrad(gen/s + V))**2), s = info["scale"]."""
     V, info = feature_drift(gen.detach(), pos.detach(), None if neg is None else neg.detach(), neg_weight, **kw)
     loss = _DriftRegression.apply(gen, V, info["scale"])

@@ -111,7 +111,8 @@ def train_digits_classifier(x, y, seed: int = 0, steps: int = 400, batch_size: i
     key = h.hexdigest()[:16]
     if key in _CLASSIFIERS: return _CLASSIFIERS[key]
     path = Path(cache or cache_dir()) / f"digits_classifier-{key}.safetensors"
-    with torch.random.fork_rng(devices=[]):                 # leave the caller's RNG stream untouched
+    # leave the caller's RNG stream untouched; train even when called under torch.no_grad (a scorer made lazily)
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(seed)
         net = DigitsClassifier(num_classes=num_classes)
         if use_cache and path.exists():
@@ -414,6 +415,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
                                 description="FID / Inception Score / precision-recall of a drifting run (torch-fidelity), "
                                             "with a CFG alpha sweep; or reference statistics from images.")
     p.add_argument("--run", help="training run folder")
+    p.add_argument("--release", help="a released model of the authors instead of a run (name or artifact folder)")
+    p.add_argument("--vae", default=None, help="with --release: SD-VAE hub id or local folder (default stabilityai/sd-vae-ft-mse)")
     p.add_argument("--ref-stats", help="reference .npz with mu and sigma (e.g. ADM's VIRTUAL_imagenet256_labeled.npz)")
     p.add_argument("--num-samples", type=int, default=50_000, help="samples for the final evaluation (FID-50k)")
     p.add_argument("--alpha", type=float, nargs="+", default=list(DEFAULT_ALPHAS), help="CFG scale(s); several = a sweep")
@@ -447,16 +450,18 @@ def main(argv=None):
                               images if args.keep_images else None)
         print(f"wrote reference statistics of {len(images)} images to {path}")
         return path
-    if not args.run or not args.ref_stats: raise SystemExit("evaluation needs --run DIR and --ref-stats FILE.npz")
+    if not (args.run or args.release) or not args.ref_stats:
+        raise SystemExit("evaluation needs --run DIR (or --release NAME) and --ref-stats FILE.npz")
+    if args.run and args.release: raise SystemExit("give --run or --release, not both")
     ref = load_ref_stats(args.ref_stats)
     real = None
     if not args.no_prc:
         real = _read_images(args.ref_images) if args.ref_images else load_images(args.ref_stats)
         if real is None: warnings.warn(f"{args.ref_stats} holds no reference images: precision/recall skipped (give --ref-images)")
-    run = _run.load_run(args.run, ema=not args.no_ema, device=device, decay=args.ema_decay)
+    run = _run.open_run(args.run, args.release, args.vae, ema=not args.no_ema, decay=args.ema_decay, device=device)
     res = evaluate_run(run, ref, features(), args.alpha, args.num_samples, args.sweep_num_samples, real,
                        args.batch_size, args.seed, progress=True)
-    res.update(run=str(args.run), ema=None if args.no_ema else (args.ema_decay or "first"), ref_stats=str(args.ref_stats))
+    res.update(run=str(args.run or args.release), ema=None if args.no_ema else (args.ema_decay or "first"), ref_stats=str(args.ref_stats))
     if args.out:
         out = Path(args.out); out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=2))

@@ -14,31 +14,43 @@ from torch import Tensor
 from .drift import feature_drifting_loss
 
 # %% auto #0
-__all__ = ['ENCODER_KINDS', 'FEATURE_SETS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'group_norm', 'BasicBlock', 'ResNetEncoder',
-           'build_encoder', 'map_features', 'extract_features', 'feature_table', 'multi_feature_drifting_loss',
-           'TorchvisionResNetFeatures', 'backbone_state_dict', 'load_resnet50', 'TimmConvNeXtFeatures',
-           'convnextv2_encoder', 'with_vae_decoder', 'merge_feature_fns', 'save_encoder', 'load_encoder']
+__all__ = ['ARCH', 'ENCODER_KINDS', 'FEATURE_SETS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'CONVNEXTV2_CHECKPOINT', 'gn_groups',
+           'GroupNorm', 'group_norm', 'BasicBlock', 'ResNetEncoder', 'build_encoder', 'map_stats', 'mae_activations',
+           'extract_features', 'feature_table', 'multi_feature_drifting_loss', 'TorchvisionResNetFeatures',
+           'backbone_state_dict', 'load_resnet50', 'ConvNeXtV2Features', 'convnextv2_features', 'with_vae_decoder',
+           'merge_feature_fns', 'save_encoder', 'load_encoder']
 
 # %% ../nbs/03_features.ipynb #d20204a7
-def group_norm(channels: int, max_groups: int = 32, min_group_size: int = 4) -> nn.GroupNorm:
-    "GroupNorm with the most groups <= `max_groups` that divide `channels` and keep >= `min_group_size` channels each."
-    if channels < 1: raise ValueError(f"group_norm needs at least one channel, got {channels}")
-    size = min(min_group_size, channels)
-    groups = max(g for g in range(1, max_groups + 1) if channels % g == 0 and channels // g >= size)
-    return nn.GroupNorm(groups, channels)
+def gn_groups(channels: int, max_groups: int = 32) -> int:
+    "Groups of the release's GroupNorms: the largest divisor of `channels` that is <= min(max_groups, channels)."
+    if channels < 1: raise ValueError(f"GroupNorm needs at least one channel, got {channels}")
+    return max(g for g in range(1, min(max_groups, channels) + 1) if channels % g == 0)
+
+class GroupNorm(nn.GroupNorm):
+    """torch's GroupNorm, except that a group holding a single number gives exactly its bias, as flax's
+    (x - mean) * rsqrt(var + eps) does: torch's fused kernel leaves rounding noise there, amplified 1000x by
+    1/sqrt(eps) (one-channel groups on a 1x1 map)."""
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[1] == self.num_groups and x[0, 0].numel() == 1:
+            return torch.zeros_like(x) + self.bias.view(1, -1, *[1] * (x.dim() - 2)).to(x.dtype)
+        return super().forward(x)
+
+def group_norm(channels: int, max_groups: int = 32) -> nn.GroupNorm:
+    "GroupNorm with `gn_groups(channels)` groups and flax's epsilon 1e-6, as in the release."
+    return GroupNorm(gn_groups(channels, max_groups), channels, eps=1e-6)
 
 # %% ../nbs/03_features.ipynb #a1cda14e
 class BasicBlock(nn.Module):
     "ResNet basic block with GroupNorm: [n,c_in,H,W] -> [n,c_out,H/stride,W/stride] (A.3)."
-    def __init__(self, c_in: int, c_out: int, stride: int = 1, max_groups: int = 32):
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.norm1 = group_norm(c_out, max_groups)
+        self.norm1 = group_norm(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.norm2 = group_norm(c_out, max_groups)
+        self.norm2 = group_norm(c_out)
         self.shortcut = nn.Identity()
         if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), group_norm(c_out, max_groups))
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), group_norm(c_out))
 
     def forward(self, x: Tensor) -> Tensor:
         h = F.relu(self.norm1(self.conv1(x)))
@@ -46,66 +58,84 @@ class BasicBlock(nn.Module):
         return F.relu(h + self.shortcut(x))
 
 # %% ../nbs/03_features.ipynb #7e4bc336
+ARCH = "release-mae-resnet"      # marks encoders of this architecture in encoder.json (older ones lack it)
+
+def _every(every_k_block) -> int:
+    "The release's switch: block outputs every k blocks when k is a number >= 1 (not inf); 0 = none."
+    if every_k_block is None or isinstance(every_k_block, bool) or not isinstance(every_k_block, (int, float)): return 0
+    return 0 if math.isinf(every_k_block) or every_k_block < 1 else int(every_k_block)
+
 class ResNetEncoder(nn.Module):
-    """ResNet feature encoder of A.3: GroupNorm, basic blocks, 3x3 stem without downsampling, widths C,2C,4C,8C.
-    Input [n, in_channels, H, W]; `patch` > 1 patchifies it to [n, in_channels*patch**2, H/patch, W/patch] first."""
-    def __init__(self, in_channels: int = 4, width: int = 256, blocks=(3, 4, 6, 3), patch: int = 1,
-                 max_groups: int = 32, every: int = 2):
+    """The release's MAE encoder (A.3): patchify by `patch`, 3x3 stem conv + GroupNorm + ReLU, four stages of basic
+    blocks with widths C,2C,4C,8C, each followed by a GroupNorm that feeds the next stage. Input [n,in_channels,H,W]."""
+    def __init__(self, in_channels: int = 4, width: int = 256, blocks=(3, 4, 6, 3), patch: int = 1):
         super().__init__()
-        self.config = dict(in_channels=in_channels, width=width, blocks=list(blocks), patch=patch,
-                           max_groups=max_groups, every=every)
-        self.in_channels, self.patch, self.every = in_channels, patch, every
-        self.widths = [width * 2 ** i for i in range(len(blocks))]
+        blocks = [int(b) for b in blocks]
+        if len(blocks) != 4 or min(blocks) < 1:
+            raise ValueError(f"blocks must give the depths (>= 1) of the encoder's four stages, got {blocks}")
+        if min(in_channels, width, patch) < 1:
+            raise ValueError(f"in_channels, width and patch must be >= 1, got {in_channels}, {width}, {patch}")
+        self.config = dict(arch=ARCH, in_channels=in_channels, width=width, blocks=blocks, patch=patch)
+        self.in_channels, self.patch = in_channels, patch
+        self.widths = [width * 2 ** i for i in range(4)]
         self.stem = nn.Sequential(nn.Conv2d(in_channels * patch * patch, width, 3, 1, 1, bias=False),
-                                  group_norm(width, max_groups), nn.ReLU())
+                                  group_norm(width), nn.ReLU())
         stages, c = [], width
         for s, (n, w) in enumerate(zip(blocks, self.widths)):
-            stages.append(nn.Sequential(*[BasicBlock(c if i == 0 else w, w, 2 if (i == 0 and s > 0) else 1, max_groups)
+            stages.append(nn.Sequential(*[BasicBlock(c if i == 0 else w, w, 2 if (i == 0 and s > 0) else 1)
                                           for i in range(n)]))
             c = w
         self.stages = nn.ModuleList(stages)
-
-    def taps(self, stage: int) -> list[int]:
-        "0-based indices of the blocks of `stage` whose outputs are feature maps: every `every` blocks and the last."
-        n = len(self.stages[stage])
-        return [i for i in range(n) if (i + 1) % self.every == 0 or i == n - 1]
+        self.norms = nn.ModuleList([group_norm(w) for w in self.widths])    # after each stage, feeding the next
 
     def patchify(self, x: Tensor) -> Tensor:
-        "[n,c,H,W] -> [n,c*p*p,H/p,W/p] (identity when patch == 1); checks the input."
+        "[n,c,H,W] -> [n,p*p*c,H/p,W/p], channels ordered (patch row, patch column, colour) as released; checks x."
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected input [n, {self.in_channels}, H, W], got {tuple(x.shape)}")
-        if x.shape[-1] % self.patch or x.shape[-2] % self.patch:
-            raise ValueError(f"input size {tuple(x.shape[-2:])} is not divisible by the patch size {self.patch}")
-        return F.pixel_unshuffle(x, self.patch) if self.patch > 1 else x
+        n, c, H, W = x.shape
+        p = self.patch
+        if H % p or W % p: raise ValueError(f"input size {(H, W)} is not divisible by the patch size {p}")
+        if p == 1: return x
+        return x.reshape(n, c, H // p, p, W // p, p).permute(0, 3, 5, 1, 2, 4).reshape(n, p * p * c, H // p, W // p)
+
+    def unpatchify(self, y: Tensor) -> Tensor:
+        "The inverse of `patchify`: [n,p*p*c,h,w] -> [n,c,h*p,w*p]."
+        p, c = self.patch, self.in_channels
+        if p == 1: return y
+        n, _, h, w = y.shape
+        return y.reshape(n, p, p, c, h, w).permute(0, 3, 4, 1, 5, 2).reshape(n, c, h * p, w * p)
+
+    def maps(self, xp: Tensor, every_k_block=None) -> dict[str, Tensor]:
+        """Maps of a patchified input under the release's names: 'conv1', 'layer1'..'layer4' (normalised stage
+        outputs), then 'layer{i}_blk{k}' for every `every_k_block`-th block (None: no block outputs)."""
+        k, h = _every(every_k_block), self.stem(xp)
+        out, blocks = {"conv1": h}, {}
+        for s, (stage, norm) in enumerate(zip(self.stages, self.norms), 1):
+            for b, block in enumerate(stage, 1):
+                h = block(h)
+                if k and b % k == 0: blocks[f"layer{s}_blk{b}"] = h
+            h = norm(h)
+            out[f"layer{s}"] = h
+        return {**out, **blocks}
+
+    def feature_maps(self, x: Tensor, every_k_block=2) -> dict[str, Tensor]:
+        "`maps` of x [n,c,H,W] (patchified here): {'conv1': [n,C,h,w], ..., 'layer4_blk2': [n,8C,h/8,w/8]}."
+        return self.maps(self.patchify(x), every_k_block)
 
     def forward_stages(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        "Stem output [n,C,h,w] and the output of each stage [[n,C,h,w], [n,2C,h/2,w/2], ...] (for the MAE decoder)."
-        h = self.stem(self.patchify(x))
-        stem, outs = h, []
-        for stage in self.stages:
-            h = stage(h)
-            outs.append(h)
-        return stem, outs
-
-    def feature_maps(self, x: Tensor) -> dict[str, Tensor]:
-        "Maps every `every` blocks and at each stage's end (A.5): {'s1b2': [n,C,h,w], ..., 's4b3': [n,8C,h/8,w/8]}."
-        h, maps = self.stem(self.patchify(x)), {}
-        for s, stage in enumerate(self.stages):
-            taps = self.taps(s)
-            for i, block in enumerate(stage):
-                h = block(h)
-                if i in taps: maps[f"s{s + 1}b{i + 1}"] = h
-        return maps
+        "Stem output [n,C,h,w] and the normalised output of each stage [[n,C,h,w], ..., [n,8C,h/8,w/8]] (MAE decoder)."
+        m = self.maps(self.patchify(x))
+        return m["conv1"], [m[f"layer{i}"] for i in range(1, 5)]
 
     def forward(self, x: Tensor) -> Tensor:
-        "The last stage's map [n,8C,h/8,w/8]."
+        "The last stage's normalised map [n,8C,h/8,w/8]."
         return self.forward_stages(x)[1][-1]
 
 # %% ../nbs/03_features.ipynb #dd659d40
 ENCODER_KINDS = {"latent": dict(in_channels=4, patch=1), "pixel": dict(in_channels=3, patch=8)}
 
 def build_encoder(kind: str = "latent", width: int = 256, in_channels: int | None = None, patch: int | None = None,
-                  blocks=(3, 4, 6, 3), **kw) -> ResNetEncoder:
+                  blocks=(3, 4, 6, 3)) -> ResNetEncoder:
     """The A.3 encoder: kind="latent" takes [n,4,32,32] SD-VAE latents, kind="pixel" takes [n,3,256,256] images
     patchified 8x8 to [n,192,32,32]. `in_channels`/`patch` override the kind's values (e.g. digits: 1 and 1)."""
     if kind not in ENCODER_KINDS:
@@ -113,43 +143,57 @@ def build_encoder(kind: str = "latent", width: int = 256, in_channels: int | Non
     cfg = dict(ENCODER_KINDS[kind])
     if in_channels is not None: cfg["in_channels"] = in_channels
     if patch is not None: cfg["patch"] = patch
-    return ResNetEncoder(width=width, blocks=blocks, **cfg, **kw)
+    return ResNetEncoder(width=width, blocks=blocks, **cfg)
 
 # %% ../nbs/03_features.ipynb #694c35df
 FEATURE_SETS = {"a-b": (), "a-c": (2,), "a-d": (2, 4)}   # patch sizes of (c) and (d); (a) and (b) are always in
 
-def _mean_std(t: Tensor, dims, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
-    mean = t.mean(dims, keepdim=True)
-    std = (t - mean).pow(2).mean(dims, keepdim=True).add(eps).sqrt()
-    return mean, std
+def _std(t: Tensor, dims) -> Tensor:
+    "sqrt(var + 1e-6) over dims (biased), in float32 as released."
+    t = t.float()
+    return (t - t.mean(dims, keepdim=True)).pow(2).mean(dims).add(1e-6).sqrt()
 
-def map_features(name: str, m: Tensor, feature_set: str = "a-d") -> dict[str, Tensor]:
-    """Feature vectors of one map m [n,C,H,W] (A.5) as {key: [n,L,C]}: '{name}.loc' (a, L=HW), '{name}.mean' and
-    '{name}.std' (b, L=1), '{name}.p{p}mean' / '{name}.p{p}std' for p in (2, 4) (c, d; L=HW/p^2)."""
-    if feature_set not in FEATURE_SETS:
-        raise ValueError(f"unknown feature_set {feature_set!r}; valid: {sorted(FEATURE_SETS)}")
+def map_stats(name: str, m: Tensor, patch_mean_size=(2, 4), patch_std_size=(2, 4), use_mean: bool = True,
+              use_std: bool = True) -> dict[str, Tensor]:
+    """Feature vectors of one map m [n,C,H,W] (A.5) under the release's keys, each [n,T,C]: '{name}' (T=HW),
+    '{name}_mean', '{name}_std' (T=1), '{name}_mean_{s}' / '{name}_std_{s}' (T=HW/s^2, where s divides H and W)."""
     n, C, H, W = m.shape
-    out = {f"{name}.loc": m.flatten(2).transpose(1, 2)}                      # (a) [n,HW,C]
-    if H * W > 1:                                                            # (b) [n,1,C]
-        mean, std = _mean_std(m.flatten(2), 2)
-        out[f"{name}.mean"], out[f"{name}.std"] = mean.transpose(1, 2), std.transpose(1, 2)
-    for p in FEATURE_SETS[feature_set]:                                      # (c), (d) [n,HW/p^2,C]
-        if H % p or W % p or H * W == p * p: continue
-        mean, std = _mean_std(m.reshape(n, C, H // p, p, W // p, p), (3, 5))
-        out[f"{name}.p{p}mean"] = mean.reshape(n, C, -1).transpose(1, 2)
-        out[f"{name}.p{p}std"] = std.reshape(n, C, -1).transpose(1, 2)
+    out = {name: m.flatten(2).transpose(1, 2)}                                  # (a)
+    if use_mean: out[f"{name}_mean"] = m.mean((2, 3))[:, None]                  # (b)
+    if use_std: out[f"{name}_std"] = _std(m.flatten(2), 2)[:, None]
+    patches = lambda s: m.reshape(n, C, H // s, s, W // s, s)
+    for s in patch_mean_size:                                                   # (c), (d)
+        if H % s == 0 and W % s == 0: out[f"{name}_mean_{s}"] = patches(s).mean((3, 5)).flatten(2).transpose(1, 2)
+    for s in patch_std_size:
+        if H % s == 0 and W % s == 0: out[f"{name}_std_{s}"] = _std(patches(s), (3, 5)).flatten(2).transpose(1, 2)
     return out
 
 # %% ../nbs/03_features.ipynb #a9c26c0f
-def extract_features(encoder, x: Tensor, feature_set: str = "a-d", include_input_rms: bool = True,
-                     include_raw: bool = True) -> dict[str, Tensor]:
-    """phi(x) of Sec. 3.4 / A.5: {feature key: [n, L, C]} over every map of `encoder.feature_maps(x)`, plus
-    'input.rms' [n,1,c] (per-channel RMS of x) and 'raw' [n,1,prod(x.shape[1:])]. feature_set: "a-b" | "a-c" | "a-d"."""
-    feats = {}
-    for name, m in encoder.feature_maps(x).items(): feats.update(map_features(name, m, feature_set))
-    if include_input_rms:
-        feats["input.rms"] = x.flatten(2).pow(2).mean(2).add(1e-6).sqrt()[:, None]   # [n,1,c]
-    if include_raw: feats["raw"] = x.reshape(x.shape[0], 1, -1)                        # [n,1,D]
+def mae_activations(encoder, x: Tensor, patch_mean_size=(2, 4), patch_std_size=(2, 4), use_mean: bool = True,
+                    use_std: bool = True, every_k_block=2) -> dict[str, Tensor]:
+    """The release's activation dict (`get_activations`) of a ResNetEncoder (or an MAE holding one) on x [n,c,H,W]:
+    'norm_x' [n,1,p*p*c], then `map_stats` of 'conv1', 'layer1'..'layer4' and 'layer{i}_blk{k}' (k = every_k_block)."""
+    if not isinstance(encoder, ResNetEncoder): encoder = getattr(encoder, "encoder", encoder)
+    if not isinstance(encoder, ResNetEncoder):
+        raise TypeError(f"mae_activations needs a ResNetEncoder or an MAE, got {type(encoder).__name__}")
+    xp = encoder.patchify(x)
+    out = {"norm_x": xp.float().pow(2).mean((2, 3)).add(1e-6).sqrt()[:, None]}
+    for name, m in encoder.maps(xp, every_k_block).items():
+        out.update(map_stats(name, m, patch_mean_size, patch_std_size, use_mean, use_std))
+    return out
+
+def extract_features(encoder, x: Tensor, feature_set: str = "a-d", include_global: bool = True,
+                     every_k_block=2) -> dict[str, Tensor]:
+    """phi(x) of Sec. 3.4 / A.5 as the release's loss reads it: {'global': x as [n,1,prod(x.shape[1:])]} and the
+    encoder's features: `mae_activations` for a ResNetEncoder, `map_stats` of `encoder.feature_maps(x)` otherwise.
+    feature_set: "a-b" | "a-c" | "a-d" (the patch sizes of the mean and std statistics)."""
+    if feature_set not in FEATURE_SETS:
+        raise ValueError(f"unknown feature_set {feature_set!r}; valid: {sorted(FEATURE_SETS)}")
+    sizes = FEATURE_SETS[feature_set]
+    feats = {"global": x.reshape(x.shape[0], 1, -1)} if include_global else {}
+    if isinstance(encoder, ResNetEncoder): feats.update(mae_activations(encoder, x, sizes, sizes, every_k_block=every_k_block))
+    else:
+        for name, m in encoder.feature_maps(x).items(): feats.update(map_stats(name, m, sizes, sizes))
     return feats
 
 def feature_table(feats: dict[str, Tensor]) -> dict:
@@ -169,7 +213,9 @@ def multi_feature_drifting_loss(phi: Callable[[Tensor], dict], gen: Tensor, pos:
     gen [Nc,Nneg,*S] generated samples (with grad), pos [Nc,Npos,*S] same-class reals, unc [Nc,Nunc,*S] reals of
     random classes (CFG negatives) weighted by unc_weight (float or [Nc], w from alpha). phi: [n,*S] ->
     {key: [n,L,C]}. Each feature is Nc*L independent problems. Returns (loss, info): info[key] is the feature's loss,
-    info['drift/'+key] its raw RMS drift in normalised units (mean over taus), the measure that falls as q nears p."""
+    info['drift/'+key] its raw RMS drift in normalised units (mean over taus), the measure that falls as q nears p.
+    drift_kw go to `feature_drifting_loss`: taus, ..., global_batch=True to normalise each feature over the problems
+    of all processes (the release's global batch) when several share the batch."""
     Nc, Nneg, S = gen.shape[0], gen.shape[1], gen.shape[2:]
     if pos.dim() < 3 or pos.shape[0] != Nc or pos.shape[2:] != S:
         raise ValueError(f"pos {tuple(pos.shape)} must be [Nc={Nc}, Npos, *{tuple(S)}] like gen {tuple(gen.shape)}")
@@ -287,41 +333,66 @@ def load_resnet50(path, input_range=(-1.0, 1.0), every: int = 2) -> TorchvisionR
     return enc.eval()
 
 # %% ../nbs/03_features.ipynb #918398e7
-class TimmConvNeXtFeatures(_PixelInput):
-    "A timm ConvNeXt(-V2) exposing `feature_maps` (every `every` blocks and each stage's end; every=None: stage ends)."
-    def __init__(self, model: nn.Module, input_range=(-1.0, 1.0), every: int | None = 2):
+CONVNEXTV2_CHECKPOINT = "facebook/convnextv2-base-22k-224"    # the transformers checkpoint of the release's pixel recipes
+
+def _standardize(y: Tensor, eps: float = 1e-3) -> Tensor:
+    "Each location's channel vector of y [n,C,H,W], in float32: (y - mean) / (std + eps), std biased (as released)."
+    y = y.float()
+    return (y - y.mean(1, keepdim=True)) / (y.std(1, keepdim=True, correction=0) + eps)
+
+class ConvNeXtV2Features(_PixelInput):
+    """The release's ConvNeXt-V2 features of pixel samples x [n,3,H,W] in `input_range` (a transformers
+    ConvNextV2Model `model`): calling it gives the 13 terms {key: [n,L,C]}; `feature_maps` the raw stage outputs."""
+    def __init__(self, model: nn.Module, input_range=(-1.0, 1.0), size: int = 224):
         super().__init__()
-        self.model, self.every = model, every
-        cfg = getattr(model, "pretrained_cfg", {}) or {}
-        self._setup_input(input_range, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
+        self.model, self.size = model, size
+        self._setup_input(input_range)
 
     def feature_maps(self, x: Tensor) -> dict[str, Tensor]:
-        h, maps = self.model.stem(self.normalize(x)), {}
-        for s, stage in enumerate(self.model.stages):
-            h = stage.downsample(h)
-            n = len(stage.blocks)
-            for i, block in enumerate(stage.blocks):
-                h = block(h)
-                if i == n - 1 or (self.every and (i + 1) % self.every == 0): maps[f"s{s + 1}b{i + 1}"] = h
+        "ImageNet-normalise, resize to size x size (bilinear, antialiased), run: {'stage0': [n,C0,size/4,size/4], ...}."
+        h = F.interpolate(self.normalize(x), size=(self.size, self.size), mode="bilinear", align_corners=False,
+                          antialias=True)
+        h, maps = self.model.embeddings(h), {}
+        for i, stage in enumerate(self.model.encoder.stages):
+            h = maps[f"stage{i}"] = stage(h)
         return maps
 
-def convnextv2_encoder(name: str = "convnextv2_base", checkpoint=None, pretrained: bool = False,
-                       input_range=(-1.0, 1.0), every: int | None = 2) -> TimmConvNeXtFeatures:
-    """ConvNeXt-V2 feature encoder from timm: random init, `pretrained=True` (timm hub weights) or a local
-    `checkpoint` file. Needs the `timm` package."""
-    try: import timm
-    except ImportError as e: raise ImportError("convnextv2_encoder needs timm: pip install timm") from e
-    from timm.models.convnext import checkpoint_filter_fn
-    if not name.startswith("convnext"): raise ValueError(f"{name!r} is not a ConvNeXt model name")
-    model = timm.create_model(name, pretrained=pretrained and checkpoint is None)
-    if checkpoint is not None:
-        sd = checkpoint_filter_fn(_read_state_dict(checkpoint), model)
-        sd = {k: v for k, v in sd.items() if not k.startswith("head.fc.")}
-        expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith("head.fc.")}
-        bad = [k for k in expected if k not in sd or sd[k].shape != expected[k]] + [k for k in sd if k not in expected]
-        if bad: raise ValueError(f"{checkpoint} does not fit {name}: {len(bad)} missing/unexpected/mismatched keys, e.g. {bad[:4]}")
-        model.load_state_dict(sd, strict=False)
-    return TimmConvNeXtFeatures(model, input_range, every).eval()
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        maps, out = list(self.feature_maps(x).values()), {}
+        for i, m in enumerate(maps):
+            z = _standardize(m).flatten(2)                                       # [n,C,HW]
+            if i > 0: out[f"convenxt_stage_{i}"] = z.transpose(1, 2)             # per location: stages 1-3
+            out[f"convenxt_stage_{i}_mean"] = z.mean(2)[:, None]                 # over locations: [n,1,C]
+            out[f"convenxt_stage_{i}_std"] = z.var(2, correction=0).add(1e-6).sqrt()[:, None]
+        norm = self.model.layernorm                                              # the pooler, eps as released
+        pooled = maps[-1].float().mean((2, 3))
+        out["global_mean"] = F.layer_norm(pooled, norm.normalized_shape, norm.weight.float(), norm.bias.float(), 1e-6)[:, None]
+        out["global_std"] = out[f"convenxt_stage_{len(maps) - 1}_std"]
+        return out
+
+def convnextv2_features(source=CONVNEXTV2_CHECKPOINT, input_range=(-1.0, 1.0), size: int = 224) -> ConvNeXtV2Features:
+    """Frozen `ConvNeXtV2Features` from `source`: a hub id (default: the release's checkpoint; needs internet once),
+    a local folder written by `save_pretrained`, a `ConvNextV2Config` (random weights) or a `ConvNextV2Model`."""
+    try: from transformers import ConvNextV2Config, ConvNextV2Model
+    except ImportError as e: raise ImportError("ConvNeXt-V2 features need transformers: pip install transformers") from e
+    if isinstance(source, ConvNextV2Config): model = ConvNextV2Model(source)
+    elif isinstance(source, ConvNextV2Model): model = source
+    else:
+        try: cfg, _ = ConvNextV2Config.get_config_dict(str(source))
+        except OSError as e:
+            raise OSError(f"no ConvNeXt-V2 at {str(source)!r}: give a folder written by save_pretrained, or a hub id "
+                          f"on a machine that can download it ({e})") from e
+        if cfg.get("model_type") != "convnextv2":
+            raise ValueError(f"{str(source)!r} holds a {cfg.get('model_type')!r} model, not a ConvNeXt-V2 ('convnextv2')")
+        from transformers.utils import logging as hf_logging
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()                   # the classifier head of the hub checkpoint is not needed
+        try: model, info = ConvNextV2Model.from_pretrained(str(source), output_loading_info=True)
+        finally: hf_logging.set_verbosity(level)
+        if info["missing_keys"]:
+            raise ValueError(f"{str(source)!r} lacks {len(info['missing_keys'])} ConvNeXt-V2 weights, "
+                             f"e.g. {sorted(info['missing_keys'])[:4]}")
+    return ConvNeXtV2Features(model, input_range, size).requires_grad_(False).eval()
 
 # %% ../nbs/03_features.ipynb #d6842754
 def with_vae_decoder(encoder_fn: Callable[[Tensor], dict], vae, scaling_factor: float | None = None,
@@ -364,6 +435,11 @@ def load_encoder(path, device=None) -> ResNetEncoder:
     cfg_file, weights = folder / "encoder.json", folder / "encoder.safetensors"
     for f in (cfg_file, weights):
         if not f.is_file(): raise FileNotFoundError(f"{f} not found: expected a folder written by save_encoder")
-    enc = ResNetEncoder(**json.loads(cfg_file.read_text())["config"])
+    cfg = dict(json.loads(cfg_file.read_text())["config"])
+    if cfg.pop("arch", None) != ARCH:
+        raise ValueError(f"{folder} holds an encoder of an older drifting_nb architecture (before the release's MAE "
+                         "ResNet, with a GroupNorm after each stage); it cannot be loaded: pretrain a new one with "
+                         "drifting_nb.train_mae, or use a released encoder (drifting_nb.release.load_mae)")
+    enc = ResNetEncoder(**cfg)
     enc.load_state_dict(load_file(str(weights), device=str(device or "cpu")))
     return enc.to(device).eval() if device is not None else enc.eval()

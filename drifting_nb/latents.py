@@ -40,8 +40,8 @@ def _fingerprint(ds:SafeImageFolder) -> str:
 def _short(v): s = repr(v); return s if len(s) < 60 else s[:57] + "..."
 
 # %% ../nbs/06b_latents.ipynb #7993ed48
-def cache_latents(data, out, vae="stabilityai/sd-vae-ft-ema", image_size:int=256, batch_size:int=64,
-                  shard_size:int=10_000, flip:bool=True, sample:bool=False, dtype:str="float16", classes=None,
+def cache_latents(data, out, vae="stabilityai/sd-vae-ft-mse", image_size:int=256, batch_size:int=64,
+                  shard_size:int=10_000, flip:bool=True, sample:bool=True, dtype:str="float16", classes=None,
                   split:str|None="train", num_workers:int=4, seed:int=0, vae_dtype:str="float32",
                   vae_subfolder:str|None=None, progress:bool=True) -> dict:
     "Encode the image folder `data` with the SD-VAE `vae` (hub id, local folder or `SDVAE`) into shards in `out`."
@@ -148,7 +148,7 @@ def main(argv=None):
                                             "Several processes: accelerate launch -m drifting_nb.latents ...")
     p.add_argument("--data", required=True, help="image folder: DIR/<class>/<images>, or DIR/<split>/<class>/<images>")
     p.add_argument("--out", required=True, help="cache folder (created; an existing cache is resumed)")
-    p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema", help="hub id (stabilityai/sd-vae-ft-ema, -mse) or local folder")
+    p.add_argument("--vae", default="stabilityai/sd-vae-ft-mse", help="hub id (the release's stabilityai/sd-vae-ft-mse, or -ema) or local folder")
     p.add_argument("--vae-subfolder", default=None, help="subfolder of --vae holding the VAE (e.g. 'vae' of a pipeline)")
     p.add_argument("--split", default="train", help="split sub-folder used when DIR/<split> exists")
     p.add_argument("--classes", default=None, help="text file, one class folder per line, fixing label order (default: sorted folders = ImageNet-1k order)")
@@ -156,15 +156,15 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="images per VAE call (x2 with flips)")
     p.add_argument("--shard-size", type=int, default=10_000, help="images per shard file")
     p.add_argument("--no-flip", action="store_true", help="do not store latents of mirrored images")
-    p.add_argument("--sample", action="store_true", help="sample the VAE posterior instead of taking its mean")
-    p.add_argument("--seed", type=int, default=0, help="seed of --sample")
+    p.add_argument("--mean", action="store_true", help="store the VAE posterior's mean (default: one sample, as the release)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the posterior samples")
     p.add_argument("--dtype", choices=list(DTYPES), default="float16", help="storage type of the latents")
     p.add_argument("--vae-dtype", choices=list(DTYPES), default="float32", help="compute type of the VAE")
     p.add_argument("--num-workers", type=int, default=4, help="DataLoader workers per process")
     a = p.parse_args(argv)
     try:
         s = cache_latents(a.data, a.out, vae=a.vae, vae_subfolder=a.vae_subfolder, image_size=a.image_size,
-                          batch_size=a.batch_size, shard_size=a.shard_size, flip=not a.no_flip, sample=a.sample,
+                          batch_size=a.batch_size, shard_size=a.shard_size, flip=not a.no_flip, sample=not a.mean,
                           dtype=a.dtype, classes=a.classes, split=a.split, num_workers=a.num_workers, seed=a.seed,
                           vae_dtype=a.vae_dtype)
     except (OSError, ValueError) as e: p.error(str(e))

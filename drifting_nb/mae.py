@@ -17,16 +17,16 @@ __all__ = ['conv_gn_relu', 'UpBlock', 'UNetDecoder', 'MAE', 'random_patch_mask',
            'pretrain_small_mae']
 
 # %% ../nbs/04_mae.ipynb #5dde00b1
-def conv_gn_relu(c_in: int, c_out: int, max_groups: int = 32) -> nn.Sequential:
-    "3x3 conv -> GroupNorm -> ReLU."
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False), group_norm(c_out, max_groups), nn.ReLU())
+def conv_gn_relu(c_in: int, c_out: int) -> nn.Sequential:
+    "3x3 conv (no bias) -> GroupNorm -> ReLU."
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False), group_norm(c_out), nn.ReLU())
 
 class UpBlock(nn.Module):
     "Decoder block (A.3): bilinear resize to the skip's size, concat the skip, GroupNorm, two 3x3 conv-GN-ReLU."
-    def __init__(self, c_in: int, c_skip: int, c_out: int, max_groups: int = 32):
+    def __init__(self, c_in: int, c_skip: int, c_out: int):
         super().__init__()
-        self.norm = group_norm(c_in + c_skip, max_groups)
-        self.convs = nn.Sequential(conv_gn_relu(c_in + c_skip, c_out, max_groups), conv_gn_relu(c_out, c_out, max_groups))
+        self.norm = group_norm(c_in + c_skip)        # 32 groups where 32 divides the width (the release's case)
+        self.convs = nn.Sequential(conv_gn_relu(c_in + c_skip, c_out), conv_gn_relu(c_out, c_out))
 
     def forward(self, h: Tensor, skip: Tensor) -> Tensor:
         if h.shape[-2:] != skip.shape[-2:]:
@@ -34,22 +34,20 @@ class UpBlock(nn.Module):
         return self.convs(self.norm(torch.cat([h, skip], 1)))
 
 class UNetDecoder(nn.Module):
-    "U-Net decoder of A.3 for a ResNetEncoder: (stem map, stage maps) -> reconstruction [n,in_channels,H,W]."
+    "The release's U-Net decoder for a ResNetEncoder: (stem map, stage maps) -> prediction of the patchified input."
     def __init__(self, encoder: ResNetEncoder):
         super().__init__()
-        w, g = encoder.widths, encoder.config["max_groups"]
-        self.patch = encoder.patch
-        skips = w[:-1][::-1] + [w[0]]                        # stages 3, 2, 1 and the stem: 4C, 2C, C, C
-        self.mid = conv_gn_relu(w[-1], w[-1], g)
+        w = encoder.widths
+        skips = w[:-1][::-1] + [w[0]]                        # layer3, layer2, layer1 and the stem: 4C, 2C, C, C
+        self.mid = conv_gn_relu(w[-1], w[-1])
         chans = [w[-1]] + skips
-        self.blocks = nn.ModuleList([UpBlock(chans[i], skips[i], skips[i], g) for i in range(len(skips))])
-        self.head = nn.Conv2d(w[0], encoder.in_channels * self.patch ** 2, 1)
+        self.blocks = nn.ModuleList([UpBlock(chans[i], skips[i], skips[i]) for i in range(len(skips))])
+        self.head = nn.Conv2d(w[0], encoder.in_channels * encoder.patch ** 2, 1)
 
     def forward(self, stem: Tensor, stages: list[Tensor]) -> Tensor:
         h = self.mid(stages[-1])                              # [n,8C,h/8,w/8]
         for block, skip in zip(self.blocks, stages[:-1][::-1] + [stem]): h = block(h, skip)
-        out = self.head(h)                                    # [n, c*p*p, h, w]
-        return F.pixel_shuffle(out, self.patch) if self.patch > 1 else out
+        return self.head(h)                                   # [n, p*p*c, h, w], the encoder's patch order
 
 # %% ../nbs/04_mae.ipynb #b75a97e8
 class MAE(nn.Module):
@@ -62,7 +60,7 @@ class MAE(nn.Module):
     def forward(self, x: Tensor):
         stem, stages = self.encoder.forward_stages(x)
         logits = self.head(stages[-1].mean((2, 3))) if self.head is not None else None
-        return self.decoder(stem, stages), logits
+        return self.encoder.unpatchify(self.decoder(stem, stages)), logits
 
 # %% ../nbs/04_mae.ipynb #e3a3328f
 def random_patch_mask(x: Tensor, mask_patch: int = 2, p: float = 0.5, encoder_patch: int = 1,
@@ -80,12 +78,15 @@ def random_patch_mask(x: Tensor, mask_patch: int = 2, p: float = 0.5, encoder_pa
 def mae_loss(model: MAE, x: Tensor, mask: Tensor | None = None, labels: Tensor | None = None, lam: float = 0.0,
              mask_patch: int = 2, p: float = 0.5, generator: torch.Generator | None = None):
     """Masked reconstruction (A.3), plus lam*CE on the class head (A.4). x [n,c,H,W]; mask [n,1,H,W] (1 = masked) or
-    None to draw one. Returns (loss = (1-lam)*recon + lam*ce, info {recon, ce, acc} as detached tensors)."""
-    if mask is None:
-        mask = random_patch_mask(x, mask_patch, p, getattr(model.encoder, "patch", 1), generator)
+    None to draw one. recon: per sample, the squared error summed over channels and averaged over masked positions
+    of the encoder's grid, then the mean over samples (as released). Returns (loss = (1-lam)*recon + lam*ce,
+    info {recon, ce, acc} as detached tensors)."""
+    patch = getattr(getattr(model, "module", model).encoder, "patch", 1)            # DDP wraps the MAE as .module
+    if mask is None: mask = random_patch_mask(x, mask_patch, p, patch, generator)
     rec, logits = model(x * (1 - mask))
-    se = (rec.float() - x.float()).pow(2) * mask                                  # [n,c,H,W], masked entries only
-    recon = se.sum() / (mask.sum() * x.shape[1]).clamp_min(1)
+    se = ((rec.float() - x.float()).pow(2) * mask).sum((1, 2, 3))                 # [n], masked entries only
+    positions = mask.float().sum((1, 2, 3)) / patch ** 2                          # masked cells of the encoder grid
+    recon = (se / (positions + 1e-8)).mean()
     info = {"recon": recon.detach()}
     loss = recon
     if lam > 0 or (labels is not None and logits is not None):

@@ -21,8 +21,8 @@ from .runtime import atomic_write, disk_full, save_state, load_state, rng_state,
 __all__ = ['FINGERPRINT_KEYS', 'sample_shape', 'load_vae', 'make_decode', 'build_model', 'read_config', 'fingerprint', 'ema_name',
            'list_checkpoints', 'remove_partial_checkpoints', 'save_checkpoint', 'CheckpointDamaged',
            'verify_checkpoint', 'latest_checkpoint', 'check_resumable', 'load_checkpoint', 'read_metrics',
-           'truncate_metrics', 'log_metrics', 'Run', 'load_run', 'balanced_labels', 'make_labels', 'run_device',
-           'check_alpha', 'iter_samples', 'generate', 'default_device']
+           'truncate_metrics', 'log_metrics', 'Run', 'load_run', 'open_run', 'balanced_labels', 'make_labels',
+           'run_device', 'check_alpha', 'iter_samples', 'generate', 'default_device']
 
 # %% ../nbs/07a_run.ipynb #21818357
 def sample_shape(cfg) -> tuple:
@@ -249,6 +249,16 @@ def load_run(run_dir, ema: bool = True, device="cpu", decay=None) -> Run:
     except RuntimeError as e:
         raise ValueError(f"the weights in {run_dir} do not fit generator {cfg.generator!r}: {str(e)[:300]}") from None
     return Run(model.to(device).eval(), vars(cfg), make_decode(cfg, load_vae(cfg)))
+
+# %% ../nbs/07a_run.ipynb #0be1f7a2
+def open_run(run_dir=None, release=None, vae=None, ema: bool = True, decay=None, device="cpu"):
+    """What `sample` and `evaluate` sample from: a run folder (`load_run`), or a released model of the authors
+    (`drifting_nb.release.load_release_run`, latents decoded by `vae`, default the SD-VAE ft-MSE they used)."""
+    if (run_dir is None) == (release is None): raise ValueError("give a run folder or a released model, not both or neither")
+    if release is not None:
+        from drifting_nb.release import RELEASE_VAE, load_release_run
+        return load_release_run(release, vae=vae or RELEASE_VAE, device=device)
+    return load_run(run_dir, ema=ema, device=device, decay=decay)
 
 # %% ../nbs/07a_run.ipynb #f01124af
 def balanced_labels(n: int, num_classes: int) -> Tensor:

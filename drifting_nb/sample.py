@@ -12,7 +12,7 @@ from torch import Tensor
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 from .run import load_run as _load_run
-from .run import balanced_labels, make_labels, run_device, check_alpha, iter_samples, default_device   # notebook 07a
+from .run import balanced_labels, make_labels, run_device, check_alpha, iter_samples, default_device, open_run   # notebook 07a
 
 # %% auto #0
 __all__ = ['MAX_GRID', 'generate', 'write_npz', 'save_npz', 'grid_nrow', 'save_grid', 'load_run', 'sample_parser', 'main']
@@ -95,7 +95,10 @@ MAX_GRID = 10_000                                          # samples in one PNG 
 def sample_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m drifting_nb.sample",
                                 description="Draw class-conditional samples from a drifting run (1 NFE per batch).")
-    p.add_argument("--run", required=True, help="training run folder (holds config.json and the weights)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="training run folder (holds config.json and the weights)")
+    src.add_argument("--release", help="a released model of the authors (name such as latent_L_sota, or its artifact folder)")
+    p.add_argument("--vae", default=None, help="with --release: SD-VAE hub id or local folder (default stabilityai/sd-vae-ft-mse)")
     p.add_argument("--num-samples", type=int, required=True, help="how many samples")
     p.add_argument("--alpha", type=float, default=1.0, help="CFG scale alpha (Sec. 3.5); 1 = no guidance")
     p.add_argument("--labels", type=int, nargs="*", default=None,
@@ -119,7 +122,9 @@ def main(argv=None):
         raise SystemExit(f"a PNG grid holds at most {MAX_GRID} samples, got --num-samples {args.num_samples}; write an .npz")
     try: check_alpha(args.alpha)
     except ValueError as e: raise SystemExit(str(e)) from None
-    run = load_run(args.run, ema=not args.no_ema, device=args.device or default_device(), decay=args.ema_decay)
+    device = args.device or default_device()
+    run = (load_run(args.run, ema=not args.no_ema, device=device, decay=args.ema_decay) if args.run
+           else open_run(release=args.release, vae=args.vae, device=device))
     labels = make_labels(args.num_samples, run.num_classes, args.labels)
     if out.suffix.lower() == ".png":
         samples, labels = generate(run, labels, args.alpha, args.batch_size, args.seed, progress=True)

@@ -22,9 +22,10 @@ from .run import (sample_shape, load_vae, make_decode, build_model, list_checkpo
                              truncate_metrics, log_metrics, Run, load_run)
 
 # %% auto #0
-__all__ = ['PRESETS', 'TrainConfig', 'check_config', 'toy_presets', 'all_preset_names', 'get_config', 'parse_args',
-           'resolve_config', 'build_dataset', 'encoder_dir', 'pretrain_encoder', 'build_phi', 'draw_step',
-           'save_sample_grid', 'train', 'evaluate_run_model', 'main']
+__all__ = ['RELEASE_CFG_LIST', 'PRESETS', 'TrainConfig', 'check_config', 'toy_presets', 'all_preset_names', 'get_config',
+           'parse_args', 'resolve_config', 'build_dataset', 'load_feature_encoder', 'encoder_dir', 'pretrain_encoder',
+           'build_phi', 'draw_step', 'save_sample_grid', 'train', 'queue_push_per_process', 'fid_scores',
+           'evaluate_during_training', 'evaluate_run_model', 'main']
 
 # %% ../nbs/07_train.ipynb #a630482d
 @dataclass
@@ -40,12 +41,14 @@ class TrainConfig:
     num_classes: int = 10
     space: str = "pixel"               # pixel: the generator emits images; latent: SD-VAE latents (image_size/8)
     vae: str = ""                      # latent space: SD-VAE hub id or local folder ("tiny" = random tiny VAE, tests)
+    augment: str = "center"            # imagefolder: center (ADM crop) | center-flip | rrc (random resized crop 0.2-1 + flip)
     # generator (Sec. 5)
     generator: str = "digits"          # a preset of drifting_nb.generator (B/2, L/2, B/16, L/16, S/2, T/2, digits)
     generator_kw: dict = field(default_factory=dict)   # overrides of the generator preset, e.g. {"depth": 6}
+    init_from: str = ""                # start from a released generator's weights (name such as latent_B_sota, or folder)
     # feature encoder (Sec. 3.4, A.3-A.5)
     encoder: str = "mae"               # mae | none (drift on the raw samples only)
-    encoder_path: str = ""             # folder written by save_encoder / train_mae; empty: pretrain one in this run
+    encoder_path: str = ""             # save_encoder/train_mae folder, or a released MAE (folder or name, e.g. mae_latent_640); empty: pretrain in this run
     mae_preset: str = ""               # small presets: a drifting_nb.train_mae preset pretrained at the start of the run
     mae_overrides: dict = field(default_factory=dict)   # ... with these MAEConfig overrides
     extra_encoder: str = ""            # e.g. "convnextv2:PATH_OR_NAME" (pixel recipes add ConvNeXt-V2 features)
@@ -63,6 +66,7 @@ class TrainConfig:
     queue_per_class: int = 128
     queue_global: int = 1000
     queue_push: int = 64               # real samples pushed per step and process
+    queue_push_global: int = 0         # > 0: push this many per step over all processes (the release's per-host push x hosts)
     queue_dtype: str = "float32"       # storage: float32 | bfloat16 | uint8 (exact for 8-bit images, 1/4 the memory)
     # optimisation (Table 8)
     lr: float = 2e-4
@@ -83,8 +87,12 @@ class TrainConfig:
     ckpt_every: int = 1000
     keep_ckpts: int = 3
     eval_every: int = 0                # 0: evaluate only at the end (when the data set has a scorer)
-    eval_samples: int = 1000
+    eval_samples: int = 1000           # samples per CFG scale (split over the processes for FID)
     eval_alphas: tuple = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
+    ref_stats: str = ""                # FID reference .npz (mu, sigma; e.g. ADM's VIRTUAL_imagenet256_labeled.npz): FID/IS in the loop
+    fid_extractor: str = "inception-v3-compat"   # torch-fidelity feature extractor for FID/IS
+    fid_weights: str = ""              # local weights file of the extractor (default: torch-fidelity downloads them)
+    eval_batch_size: int = 250         # samples per network call while evaluating
     seed: int = 0
     cpu_threads: int = 0               # torch threads per process on CPU; 0: the machine's cores over its processes
 
@@ -102,7 +110,9 @@ def _choice(*names): return (lambda v: v in names), "one of " + ", ".join(names)
 
 _RULES = {**{k: _whole(1) for k in ("Nc", "Npos", "Nneg", "max_steps", "log_every", "ckpt_every", "keep_ckpts",
                                     "grad_accum", "queue_per_class", "queue_push", "num_classes", "image_size", "channels")},
-          **{k: _whole(0) for k in ("Nunc", "queue_global", "warmup_steps", "sample_every", "eval_every", "eval_samples", "seed")},
+          **{k: _whole(0) for k in ("Nunc", "queue_global", "warmup_steps", "sample_every", "eval_every", "eval_samples", "seed",
+                                    "queue_push_global")},
+          "eval_batch_size": _whole(1), "augment": _choice("center", "center-flip", "rrc"),
           "lr": _number(lambda v: v > 0, "a finite number > 0"),
           "weight_decay": _number(lambda v: v >= 0, "a finite number >= 0"),
           "beta1": _number(lambda v: 0 <= v < 1, "a number in [0, 1)"), "beta2": _number(lambda v: 0 <= v < 1, "a number in [0, 1)"),
@@ -131,26 +141,33 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 # %% ../nbs/07_train.ipynb #794a47b2
+RELEASE_CFG_LIST = (1.0, 1.1, 1.2, 1.4, 1.6, 1.8, 2.0, 2.5, 3.0, 3.5)   # the CFG scales the release's runs evaluate
+# the release's configs/gen: every run evaluates FID-50k every 5000 steps (with --ref-stats), pushes per host x hosts
 _IMAGENET = dict(num_classes=1000, image_size=256, warmup_steps=10_000, Nunc=32, Nneg=64, alpha_k=5.0,
-                 sample_every=5000, ckpt_every=5000, log_every=50, eval_every=0)
-_LATENT = dict(_IMAGENET, dataset="latents", space="latent", vae="stabilityai/sd-vae-ft-ema", channels=3,
+                 sample_every=5000, ckpt_every=5000, log_every=50, eval_every=5000, eval_samples=50_000,
+                 eval_alphas=RELEASE_CFG_LIST)
+_LATENT = dict(_IMAGENET, dataset="latents", space="latent", vae="stabilityai/sd-vae-ft-mse", channels=3,
                queue_dtype="bfloat16")                                # 128 x 1000 latents: 1 GB per process
-_PIXEL = dict(_IMAGENET, dataset="imagefolder", space="pixel", channels=3, extra_encoder="convnextv2:convnextv2_base",
-              queue_dtype="uint8")                                    # 128 x 1000 images: 25 GB per process
-_EMAS = (0.999, 0.9995, 0.9998, 0.9999)
+_PIXEL = dict(_IMAGENET, dataset="imagefolder", space="pixel", channels=3, augment="rrc", encoder_path="mae_pixel_640",
+              extra_encoder="convnextv2:facebook/convnextv2-base-22k-224", queue_dtype="uint8")   # 128 x 1000 images: 25 GB per process
+_EMAS = (0.999, 0.9995, 0.9998, 0.9999)                               # the release keeps 0.999 (first: sampled by default)
 
 PRESETS: dict[str, dict] = {
     # Table 8, first column: the ablation setting (DiT-B/2, latent-MAE w256, 100 epochs)
-    "imagenet-latent-ablation": dict(_LATENT, generator="B/2", lr=2e-4, weight_decay=0.01, warmup_steps=5000,
-                                     max_steps=30_000, Nc=64, Npos=64, Nneg=64, Nunc=16, alpha_k=3.0, ema_decays=(0.999,)),
-    "imagenet-latent-b2": dict(_LATENT, generator="B/2", lr=4e-4, weight_decay=0.0, max_steps=200_000,
-                               Nc=128, Npos=128, ema_decays=_EMAS),
-    "imagenet-latent-l2": dict(_LATENT, generator="L/2", lr=4e-4, weight_decay=0.01, max_steps=200_000,
-                               Nc=128, Npos=64, alpha_k=3.0, alpha_p_one=0.5, ema_decays=_EMAS),
+    "imagenet-latent-ablation": dict(_LATENT, generator="B/2", encoder_path="mae_latent_256", lr=2e-4, weight_decay=0.01,
+                                     warmup_steps=5000, max_steps=30_000, Nc=64, Npos=64, Nneg=64, Nunc=16, alpha_k=3.0,
+                                     queue_push_global=64 * 16, ema_decays=(0.999,),
+                                     eval_alphas=(1.0, 1.5, 2.0, 2.5, 3.0, 3.5)),
+    "imagenet-latent-b2": dict(_LATENT, generator="B/2", generator_kw=dict(attn_fp32=False), encoder_path="mae_latent_640",
+                               lr=4e-4, weight_decay=0.0, max_steps=200_000, Nc=128, Npos=64, queue_push_global=128 * 32,
+                               ema_decays=_EMAS),
+    "imagenet-latent-l2": dict(_LATENT, generator="L/2", generator_kw=dict(attn_fp32=False), encoder_path="mae_latent_640",
+                               lr=4e-4, weight_decay=0.01, max_steps=200_000, Nc=128, Npos=64, alpha_k=3.0,
+                               alpha_p_one=0.5, queue_push_global=64 * 32, ema_decays=_EMAS),
     "imagenet-pixel-b16": dict(_PIXEL, generator="B/16", lr=2e-4, weight_decay=0.01, max_steps=100_000,
-                               Nc=128, Npos=128, ema_decays=_EMAS),
+                               Nc=128, Npos=128, queue_push_global=128 * 32, ema_decays=_EMAS),
     "imagenet-pixel-l16": dict(_PIXEL, generator="L/16", lr=4e-4, weight_decay=0.01, max_steps=100_000,
-                               Nc=128, Npos=128, ema_decays=_EMAS),
+                               Nc=128, Npos=128, queue_push_global=128 * 32, ema_decays=_EMAS),
     # between digits and ImageNet: one GPU
     "cifar10": dict(dataset="cifar10", image_size=32, channels=3, num_classes=10, generator="S/2", mae_preset="latent-256",
                     mae_overrides=dict(dataset="cifar10", in_channels=3, width=64, steps=3000, batch_size=512,
@@ -280,7 +297,7 @@ def build_dataset(cfg: TrainConfig):
         raise ValueError(f"dataset {cfg.dataset!r} needs --data-dir: "
                          + ("an ImageNet-style folder (train/<class>/<images>)" if cfg.dataset == "imagefolder"
                             else "a latent cache made by `python -m drifting_nb.latents`"))
-    if cfg.dataset == "imagefolder": return D.image_folder(cfg.data_dir, size=cfg.image_size)
+    if cfg.dataset == "imagefolder": return D.image_folder(cfg.data_dir, size=cfg.image_size, augment=cfg.augment)
     if cfg.dataset == "latents":
         from drifting_nb.latents import LatentDataset
         ds = LatentDataset(cfg.data_dir)
@@ -291,8 +308,23 @@ def build_dataset(cfg: TrainConfig):
 
 # %% ../nbs/07_train.ipynb #6d403fa5
 def _raw_features(x):
-    "phi for encoder='none': the raw sample as one vector per sample [n,1,D]."
-    return {"raw": x.reshape(x.shape[0], 1, -1)}
+    "phi for encoder='none': the raw sample as one vector per sample [n,1,D] (the release's 'global' feature)."
+    return {"global": x.reshape(x.shape[0], 1, -1)}
+
+def _is_release_mae(path_or_name: str) -> bool:
+    "A released MAE: one of the hub's names, or an artifact folder (metadata.json + ema_params.msgpack)."
+    from drifting_nb.release import RELEASED
+    return RELEASED.get(str(path_or_name)) == "mae" or (Path(path_or_name) / "metadata.json").is_file()
+
+def load_feature_encoder(path_or_name, device=None):
+    "The frozen MAE encoder of --encoder-path: a folder of save_encoder / train_mae, or a released MAE (release.load_mae)."
+    from drifting_nb import features as Fx
+    if _is_release_mae(path_or_name):
+        from drifting_nb.release import load_mae
+        enc = load_mae(path_or_name)
+        enc = getattr(enc, "encoder", enc)                            # the decoder and fc head are not needed here
+    else: enc = Fx.load_encoder(path_or_name)
+    return enc.to(device).requires_grad_(False).eval()
 
 def encoder_dir(cfg: TrainConfig) -> Path:
     "Where the run's feature encoder lives: --encoder-path, or <output_dir>/encoder for in-run pretraining."
@@ -303,10 +335,11 @@ def pretrain_encoder(cfg: TrainConfig, accelerator) -> Path:
     in a child process of its own, the others wait. Reused when <output_dir>/encoder already holds an encoder, and
     resumed if it was interrupted."""
     path = encoder_dir(cfg)
-    if cfg.encoder != "mae" or (path / "encoder.safetensors").is_file(): return path
+    if cfg.encoder != "mae" or (path / "encoder.safetensors").is_file() or _is_release_mae(path): return path
     if cfg.encoder_path:
-        raise FileNotFoundError(f"no encoder in {path} (expected encoder.safetensors + encoder.json); pretrain one "
-                                "with `accelerate launch -m drifting_nb.train_mae --preset ...`")
+        raise FileNotFoundError(f"no encoder in {path} (expected encoder.safetensors + encoder.json, or a released MAE: "
+                                "an artifact folder or a name such as mae_latent_640); pretrain one with "
+                                "`accelerate launch -m drifting_nb.train_mae --preset ...`")
     if not cfg.mae_preset:
         raise ValueError(f"preset {cfg.preset!r} needs --encoder-path (a folder written by drifting_nb.train_mae)")
     if accelerator.is_main_process:
@@ -328,15 +361,12 @@ def build_phi(cfg: TrainConfig, device, vae=None):
     from drifting_nb import features as Fx
     if cfg.encoder == "none": return _raw_features
     if cfg.encoder != "mae": raise ValueError(f"encoder must be 'mae' or 'none', got {cfg.encoder!r}")
-    enc = Fx.load_encoder(encoder_dir(cfg)).to(device).requires_grad_(False).eval()
-    phi = functools.partial(Fx.extract_features, enc, feature_set=cfg.feature_set)
+    enc = load_feature_encoder(cfg.encoder_path or encoder_dir(cfg), device)
+    phi = functools.partial(Fx.extract_features, enc, feature_set=cfg.feature_set)    # 'global' + the release's dict
     if cfg.extra_encoder:
         kind, _, where = cfg.extra_encoder.partition(":")
         if kind != "convnextv2": raise ValueError(f"extra_encoder must look like 'convnextv2:NAME_OR_PATH', got {cfg.extra_encoder!r}")
-        is_file = Path(where).is_file()
-        cnx = Fx.convnextv2_encoder(checkpoint=where if is_file else None, pretrained=not is_file,
-                                    **({} if is_file else {"name": where})).to(device).requires_grad_(False).eval()
-        pix = functools.partial(Fx.extract_features, cnx, feature_set=cfg.feature_set, include_raw=False, include_input_rms=False)
+        pix = Fx.convnextv2_features(where or Fx.CONVNEXTV2_CHECKPOINT).to(device)   # the release's 13 terms (hub id or folder)
         if vae is not None: pix = Fx.with_vae_decoder(pix, vae.vae.to(device), vae.scaling_factor)
         phi = Fx.merge_feature_fns({"mae": phi, "convnext": pix})
     return phi
@@ -362,9 +392,11 @@ def _mixed_precision(cfg) -> str:
     if cfg.mixed_precision != "auto": return cfg.mixed_precision
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
-def _warmup_constant(warmup: int):
-    "lr multiplier: linear warmup over `warmup` steps, then constant (Table 8)."
-    return lambda step: min(1.0, (step + 1) / max(1, warmup))
+def _warmup_constant(warmup: int, lr: float, init: float = 1e-6):
+    """lr multiplier of update `step` (0-based), as the release's schedule: linear from `init` (1e-6) to `lr` over
+    `warmup` updates, then constant (Table 8)."""
+    if warmup <= 0: return lambda step: 1.0
+    return lambda step: (init + (lr - init) * min(step, warmup) / warmup) / lr
 
 @torch.no_grad()
 def save_sample_grid(model, cfg, decode, path: Path, alpha: float, device, n_per_class: int = 8, seed: int = 0):
@@ -419,13 +451,17 @@ def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None) -> dict:
     phi = build_phi(cfg, device, vae)
     set_seed(cfg.seed)                                               # the same initial weights on every process
     model = build_model(cfg)
+    if cfg.init_from:                                                # the authors' released weights as the start
+        from drifting_nb.release import init_from_release
+        init_from_release(model, cfg.init_from)
     queue = SampleQueue(cfg.num_classes, S, cfg.queue_per_class, cfg.queue_global, dtype=getattr(torch, cfg.queue_dtype),
                         seed=cfg.seed * 7919 + rank)
-    loader = InfiniteLoader(dataset, cfg.queue_push, seed=cfg.seed, rank=rank, world_size=world)
+    push = queue_push_per_process(cfg, world)
+    loader = InfiniteLoader(dataset, push, seed=cfg.seed, rank=rank, world_size=world)
     gen = torch.Generator().manual_seed(cfg.seed * 104729 + rank)
     gen_dev = torch.Generator(device=device).manual_seed(cfg.seed * 15485863 + rank)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_constant(cfg.warmup_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_constant(cfg.warmup_steps, cfg.lr))
     model, opt = accelerator.prepare(model, opt)
     emas = [AveragedModel(unwrap_model(model), multi_avg_fn=get_ema_multi_avg_fn(d)) for d in cfg.ema_decays]
     from drifting_nb.features import multi_feature_drifting_loss
@@ -440,7 +476,7 @@ def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None) -> dict:
         if main: print(f"resumed from {ckpt} at step {step}")
     else:
         used = fill_queue(queue, loader, cfg.Npos, cfg.Nunc)         # every class holds Npos samples before step 1
-        if main: print(f"sample queue filled with {used} batches of {cfg.queue_push}")
+        if main: print(f"sample queue filled with {used} batches of {push}")
     last_ckpt = found[0] if found else None
 
     def rank_state():
@@ -465,7 +501,7 @@ def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None) -> dict:
                     x = model(noise, labels.repeat_interleave(cfg.Nneg), alpha.repeat_interleave(cfg.Nneg), style)
                     # the encoder is frozen and in eval mode: the real samples' features need no graph (joint=False)
                     loss, info = multi_feature_drifting_loss(phi, x.float().view(m_micro, cfg.Nneg, *S), pos, unc, w,
-                                                             joint=False, taus=cfg.taus)
+                                                             joint=False, taus=cfg.taus, global_batch=world > 1)
                 if fault_hook is not None: loss = fault_hook(step + 1, loss)
                 bad = accelerator.reduce(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device), "sum")
                 if bad.item() > 0:
@@ -495,15 +531,15 @@ def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None) -> dict:
             summary = row
         if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.max_steps) and main:
             save_sample_grid(emas[0].module, cfg, decode, out / "samples" / f"step_{step:08d}.png", cfg.sample_alpha, device)
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps and main:
-            scores = evaluate_run_model(emas[0].module, cfg, device, decode)
-            if scores: log_metrics(out, dict(step=step, eval=scores)); accelerator.log(_flat_scores(scores), step=step)
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+            scores = evaluate_during_training(emas[0].module, cfg, device, decode, accelerator)   # every process
+            if scores and main: log_metrics(out, dict(step=step, eval=scores)); accelerator.log(_flat_scores(scores), step=step)
         if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
             last_ckpt = save_checkpoint(accelerator, out, step, cfg, model, opt, sched, emas, rank_state(), cfg.keep_ckpts)
     bar.close()
+    if main: save_sample_grid(emas[0].module, cfg, decode, out / "samples.png", cfg.sample_alpha, device)
+    scores = evaluate_during_training(emas[0].module, cfg, device, decode, accelerator, out=out)
     if main:
-        save_sample_grid(emas[0].module, cfg, decode, out / "samples.png", cfg.sample_alpha, device)
-        scores = evaluate_run_model(emas[0].module, cfg, device, decode, out=out)
         if scores:
             log_metrics(out, dict(step=step, eval=scores)); accelerator.log(_flat_scores(scores), step=step)
             summary["eval"] = scores
@@ -512,7 +548,57 @@ def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None) -> dict:
 
 # %% ../nbs/07_train.ipynb #4acfa78e
 def _flat_scores(scores: dict) -> dict:
-    return {f"eval/{k}": v for k, v in scores.items() if isinstance(v, (int, float))}
+    "TensorBoard scalars of an evaluation: eval/<metric> of the best alpha, and eval/<metric>@alpha=<a> of the sweep."
+    flat = {f"eval/{k}": v for k, v in scores.items() if isinstance(v, (int, float))}
+    for a, s in (scores.get("sweep") or {}).items():
+        flat.update({f"eval/{k}@alpha={a}": v for k, v in s.items() if isinstance(v, (int, float)) and k != "alpha"})
+    return flat
+
+def queue_push_per_process(cfg: TrainConfig, num_processes: int) -> int:
+    """Real samples each process pushes into its queues per step: `queue_push`, or `queue_push_global` split over the
+    processes (the release pushed 64-128 per host on 16-32 hosts: 1 GPU pushes them all, 8 GPUs an eighth each)."""
+    if cfg.queue_push_global > 0: return max(1, math.ceil(cfg.queue_push_global / num_processes))
+    return cfg.queue_push
+
+@functools.lru_cache(maxsize=2)
+def _fidelity(name: str, weights: str, device: str):
+    from drifting_nb.evaluate import FidelityFeatures
+    return FidelityFeatures(name, weights or None, device)
+
+@torch.no_grad()
+def fid_scores(model, cfg: TrainConfig, device, decode, accelerator=None) -> dict | None:
+    """FID and IS (torch-fidelity) of `model` against cfg.ref_stats at every alpha of cfg.eval_alphas, over
+    cfg.eval_samples class-balanced samples split over the processes (each generates and embeds its share; the
+    features meet on the main process). Returns the best alpha's metrics and the sweep on the main process, else None."""
+    from accelerate.utils import gather_object
+    from drifting_nb.evaluate import load_ref_stats, metrics_from_features
+    from drifting_nb.run import Run, balanced_labels, iter_samples
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    feats = _fidelity(cfg.fid_extractor, cfg.fid_weights, str(device))
+    ref = load_ref_stats(cfg.ref_stats)
+    run = Run(model, {"num_classes": cfg.num_classes}, decode)
+    labels = balanced_labels(cfg.eval_samples, cfg.num_classes)[rank::world]       # this process's share
+    sweep = {}
+    for a in cfg.eval_alphas:
+        local = feats.extract(x for x, _ in iter_samples(run, labels, a, cfg.eval_batch_size, seed=1234 + rank)) if len(labels) else {}
+        parts = gather_object([{k: v.numpy() for k, v in local.items()}]) if world > 1 else [local]
+        if rank == 0:
+            allf = {k: torch.cat([torch.as_tensor(p[k]) for p in parts if k in p]) for k in feats.layers.values()}
+            sweep[float(a)] = {"alpha": float(a), "num_samples": cfg.eval_samples, **metrics_from_features(allf, feats.layers, ref)}
+    if rank != 0: return None
+    best = min(sweep, key=lambda a: sweep[a]["fid"])
+    return dict(sweep[best], sweep={str(a): s for a, s in sweep.items()}, ref_stats=cfg.ref_stats)
+
+def evaluate_during_training(model, cfg: TrainConfig, device, decode, accelerator, out: Path | None = None) -> dict | None:
+    """Every process calls this: FID/IS against `--ref-stats` for any data set (the release's in-loop FID over its CFG
+    list), else the digits scorer (main process) for digits. At the end of a run (`out`) the main process also writes
+    scores.json. None where there is nothing to score, and on the other processes."""
+    main = accelerator.is_main_process
+    if cfg.ref_stats and cfg.eval_samples > 0:
+        res = fid_scores(model, cfg, device, decode, accelerator)
+        if main and out is not None: (out / "scores.json").write_text(json.dumps(res, indent=1))
+        return res
+    return evaluate_run_model(model, cfg, device, decode, out=out) if main else None
 
 @functools.lru_cache(maxsize=2)
 def _digits_scorer(seed: int = 0):

@@ -32,7 +32,7 @@ class MAEConfig:
     dataset: str = "imagefolder"          # imagefolder | latents | digits | cifar10 | random | "module:function"
     image_size: int = 256                 # images (pixel input, or the VAE's input for latent MAEs)
     resolution: int = 0                   # tensor data sets: crop output size (0: the samples' own)
-    vae: str = "stabilityai/sd-vae-ft-ema"   # hub id or local folder, to encode images for a latent MAE
+    vae: str = "stabilityai/sd-vae-ft-mse"   # hub id or local folder, to encode images for a latent MAE (the release's)
     crop_scale: tuple = (0.2, 1.0)        # random-resized-crop area range (ours)
     hflip: bool = True
     num_workers: int = 8

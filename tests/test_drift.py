@@ -59,3 +59,69 @@ def test_alpha_weight_and_sampling():
     gamma = 32 * w / (63 + 32 * w)
     torch.testing.assert_close(1 / (1 - gamma), a, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError): alpha_to_weight(2.0, 64, 0)
+
+def test_field_is_float32_under_autocast():
+    "A bf16 training step's autocast does not reach the field: loss, gradient and V equal their float32 values."
+    gen, pos, unc = torch.randn(6, 8, 16, generator=g), torch.randn(6, 8, 16, generator=g) + 0.5, torch.randn(6, 4, 16, generator=g)
+    std_like = torch.rand(6, 8, 16, generator=g) * 0.01 + 3.0     # an offset that dwarfs the spread
+    w = torch.rand(6, 4, generator=g) * 3
+    for feats in (gen, std_like):
+        out = []
+        for bf16 in (False, True):
+            x = feats.clone().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss, _ = feature_drifting_loss(x, pos, unc, w)
+                V = compute_V(feats[0], pos[0], tau=0.5)
+            loss.backward()
+            out.append((loss.detach(), x.grad, V))
+        for a, b in zip(*out):
+            assert b.dtype == torch.float32
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+def test_global_batch_needs_torch_distributed():
+    with pytest.raises(RuntimeError, match="torch.distributed"):
+        feature_drift(torch.randn(2, 4, 3), torch.randn(2, 4, 3), global_batch=True)
+
+def _half_of_the_batch(rank, store, data):
+    "One of two gloo processes: the loss on its half of the problems, normalised over both halves."
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        gen, pos, unc, w = (t.chunk(2)[rank] for t in data)
+        out = {}
+        for global_batch in (True, False):
+            x = gen.clone().requires_grad_()
+            loss, info = feature_drifting_loss(x, pos, unc, w, global_batch=global_batch)
+            loss.backward()
+            V, _ = feature_drift(gen, pos, unc, w, global_batch=global_batch)
+            out[global_batch] = dict(loss=loss.detach(), grad=x.grad, V=V, S=info["mean_dist"], rms=info["drift_norm"])
+        torch.save(out, f"{store}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+def rel(a, b): return ((a - b).norm() / b.norm()).item()
+
+def test_global_batch_two_processes_equal_one(tmp_path):
+    "Two processes with global_batch=True, each holding half of the problems, compute the one-process field."
+    import torch.multiprocessing as mp
+    g2 = torch.Generator().manual_seed(5)
+    B = 8
+    data = (torch.randn(B, 8, 12, generator=g2), torch.randn(B, 10, 12, generator=g2) + torch.linspace(0, 2, B)[:, None, None],
+            torch.randn(B, 4, 12, generator=g2), torch.rand(B, 4, generator=g2) * 3)
+    store = tmp_path / "store"
+    mp.spawn(_half_of_the_batch, args=(str(store), data), nprocs=2, join=True)
+    halves = [torch.load(f"{store}.{r}", weights_only=True) for r in range(2)]
+    x = data[0].clone().requires_grad_()
+    loss, info = feature_drifting_loss(x, *data[1:])
+    loss.backward()
+    V, _ = feature_drift(*data)
+    for r, h in enumerate(halves):
+        got = h[True]
+        assert rel(got["V"], V.chunk(2)[r]) < 1e-5
+        assert rel(got["grad"] / 2, x.grad.chunk(2)[r]) < 1e-5             # DDP averages the two processes' gradients
+        torch.testing.assert_close(got["S"], info["mean_dist"], rtol=1e-6, atol=0)
+        torch.testing.assert_close(got["rms"], info["drift_norm"], rtol=1e-5, atol=0)
+    torch.testing.assert_close((halves[0][True]["loss"] + halves[1][True]["loss"]) / 2, loss.detach(), rtol=1e-5, atol=0)
+    # without the reduction each half normalises on its own and the field differs
+    assert rel(halves[0][False]["V"], V.chunk(2)[0]) > 1e-3

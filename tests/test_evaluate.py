@@ -10,6 +10,7 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
 import drifting_nb.sample as sample_mod
+import drifting_nb.run as run_mod
 import drifting_nb.evaluate as ev
 from drifting_nb.data import digits_split
 
@@ -67,8 +68,8 @@ class DigitsRun:
 def standin(monkeypatch, tmp_path):
     run = DigitsRun()
     (tmp_path / "run").mkdir()
-    for mod in (sample_mod, ev._run):                                  # sampling and evaluation both load runs
-        monkeypatch.setattr(mod, "load_run", lambda run_dir, ema=True, device="cpu", decay=None: run)
+    monkeypatch.setattr(sample_mod, "load_run", lambda run_dir, ema=True, device="cpu", decay=None: run)
+    monkeypatch.setattr(run_mod, "load_run", lambda run_dir, ema=True, device="cpu", decay=None: run)   # evaluate's way in
     return run
 
 
@@ -272,3 +273,11 @@ def test_sample_and_evaluate_a_trained_tiny_run(tmp_path):
                    "--feature-extractor", "test-tiny", "--device", "cpu", "--batch-size", "6"])
     assert res["best"]["num_samples"] == 12 and res["best"]["precision"] is not None
     assert res["best"]["alpha"] == min(res["sweep"], key=lambda s: s["fid"])["alpha"]
+
+
+def test_digits_classifier_trains_inside_no_grad(split, tmp_path):
+    "The training job builds its scorer lazily inside a no-grad evaluation: a fresh machine has no cached classifier."
+    from drifting_nb.evaluate import train_digits_classifier
+    with torch.no_grad():
+        net = train_digits_classifier(split.x_train, split.y_train, steps=5, cache=tmp_path, use_cache=False)
+    assert not net.training

@@ -1,19 +1,17 @@
 """The feature encoder, the multi-scale feature set and the feature-space loss (SPEC 3, A.5; nbs/03_features.ipynb)."""
 import functools
+import json
 
 import pytest
 import torch
 import torch.nn as nn
 
-from drifting_nb.features import (build_encoder, extract_features, map_features, multi_feature_drifting_loss,
-                                  load_resnet50, convnextv2_encoder, with_vae_decoder, merge_feature_fns,
+from drifting_nb.features import (build_encoder, extract_features, map_stats, multi_feature_drifting_loss,
+                                  load_resnet50, with_vae_decoder, merge_feature_fns,
                                   save_encoder, load_encoder, TorchvisionResNetFeatures)
 
-MAPS = ["s1b2", "s1b3", "s2b2", "s2b4", "s3b2", "s3b4", "s3b6", "s4b2", "s4b3"]
-
-
-def _kinds(feats, name):
-    return sorted(k.split(".", 1)[1] for k in feats if k.startswith(name + "."))
+MAPS = ["conv1", "layer1", "layer2", "layer3", "layer4", "layer1_blk2", "layer2_blk2", "layer2_blk4", "layer3_blk2",
+        "layer3_blk4", "layer3_blk6", "layer4_blk2"]
 
 
 @pytest.mark.parametrize("kind,shape", [("latent", (4, 32, 32)), ("pixel", (3, 256, 256))])
@@ -22,57 +20,85 @@ def test_feature_dict_keys_and_sizes(kind, shape):
     x = torch.randn(2, *shape)
     maps = enc.feature_maps(x)
     assert list(maps) == MAPS
-    sizes = {"s1": 32, "s2": 16, "s3": 8, "s4": 4}
-    widths = {"s1": 8, "s2": 16, "s3": 32, "s4": 64}
+    sizes = {"conv1": 32, "layer1": 32, "layer2": 16, "layer3": 8, "layer4": 4}
+    widths = {"conv1": 8, "layer1": 8, "layer2": 16, "layer3": 32, "layer4": 64}
     feats = extract_features(enc, x)
+    assert list(feats)[:2] == ["global", "norm_x"]
     for name, m in maps.items():
-        h, c = sizes[name[:2]], widths[name[:2]]
+        h, c = sizes[name.split("_")[0]], widths[name.split("_")[0]]
         assert m.shape == (2, c, h, h)
-        assert feats[f"{name}.loc"].shape == (2, h * h, c)
-        assert feats[f"{name}.mean"].shape == feats[f"{name}.std"].shape == (2, 1, c)
-        assert feats[f"{name}.p2mean"].shape == (2, h * h // 4, c)
-        if h > 4: assert feats[f"{name}.p4std"].shape == (2, h * h // 16, c)
-        else: assert f"{name}.p4std" not in feats            # one 4x4 patch = the global statistics
-    assert feats["input.rms"].shape == (2, 1, shape[0])
-    assert feats["raw"].shape == (2, 1, shape[0] * shape[1] * shape[2])
-    assert len(feats) == 9 * 3 + 9 * 2 + 7 * 2 + 2
+        assert feats[name].shape == (2, h * h, c)
+        assert feats[f"{name}_mean"].shape == feats[f"{name}_std"].shape == (2, 1, c)
+        assert feats[f"{name}_mean_2"].shape == feats[f"{name}_std_2"].shape == (2, h * h // 4, c)
+        assert feats[f"{name}_mean_4"].shape == feats[f"{name}_std_4"].shape == (2, h * h // 16, c)
+    assert feats["norm_x"].shape == (2, 1, shape[0] * enc.patch ** 2)      # of the patchified input
+    assert feats["global"].shape == (2, 1, shape[0] * shape[1] * shape[2])
+    assert len(feats) == 2 + 12 * 7
     assert all(f.dim() == 3 and f.shape[0] == 2 for f in feats.values())
 
 
 def test_feature_values():
     m = torch.randn(3, 5, 8, 8)
-    f = map_features("m", m)
-    torch.testing.assert_close(f["m.loc"].reshape(3, 8, 8, 5).permute(0, 3, 1, 2), m)
-    torch.testing.assert_close(f["m.mean"][:, 0], m.mean((2, 3)))
-    torch.testing.assert_close(f["m.std"][:, 0], m.std((2, 3), correction=0), atol=1e-5, rtol=1e-4)
-    # 4x4 patch (1, 0): rows 4..7, columns 0..3
-    torch.testing.assert_close(f["m.p4mean"][:, 2], m[:, :, 4:8, 0:4].mean((2, 3)))
-    torch.testing.assert_close(f["m.p4std"][:, 2], m[:, :, 4:8, 0:4].std((2, 3), correction=0), atol=1e-5, rtol=1e-4)
-    rms = extract_features(build_encoder(width=8), torch.full((1, 4, 32, 32), -3.0))["input.rms"]
+    f = map_stats("m", m)
+    torch.testing.assert_close(f["m"].reshape(3, 8, 8, 5).permute(0, 3, 1, 2), m)
+    torch.testing.assert_close(f["m_mean"][:, 0], m.mean((2, 3)))
+    torch.testing.assert_close(f["m_std"][:, 0], (m.var((2, 3), correction=0) + 1e-6).sqrt())
+    # 4x4 patch (1, 0): rows 4..7, columns 0..3 (patches in row-major order)
+    torch.testing.assert_close(f["m_mean_4"][:, 2], m[:, :, 4:8, 0:4].mean((2, 3)))
+    torch.testing.assert_close(f["m_std_4"][:, 2], (m[:, :, 4:8, 0:4].var((2, 3), correction=0) + 1e-6).sqrt())
+    rms = extract_features(build_encoder(width=8), torch.full((1, 4, 32, 32), -3.0))["norm_x"]
     torch.testing.assert_close(rms, torch.full((1, 1, 4), 3.0), atol=1e-5, rtol=1e-5)
+
+
+def test_patchify_order_is_the_releases():
+    "Channel (i*p + j)*c + k of a patch is its pixel (i, j) in colour k (einops 'b (h1 h2) (w1 w2) c -> b h1 w1 (h2 w2 c)')."
+    enc = build_encoder("pixel", width=4, patch=4)
+    x = torch.randn(2, 3, 8, 8)
+    xp = enc.patchify(x)
+    for i, j, k in [(0, 0, 0), (1, 2, 1), (3, 3, 2)]:
+        torch.testing.assert_close(xp[:, (i * 4 + j) * 3 + k], x[:, k, i::4, j::4])
+    torch.testing.assert_close(enc.unpatchify(xp), x)
 
 
 def test_ablation_switches_and_small_maps():
     enc = build_encoder(width=8)
     x = torch.randn(1, 4, 32, 32)
-    n = {fs: len(extract_features(enc, x, fs, include_input_rms=False, include_raw=False)) for fs in ("a-b", "a-c", "a-d")}
-    assert n == {"a-b": 27, "a-c": 45, "a-d": 59}
-    assert "raw" not in extract_features(enc, x, include_raw=False)
+    n = {fs: len(extract_features(enc, x, fs, include_global=False)) for fs in ("a-b", "a-c", "a-d")}
+    assert n == {"a-b": 1 + 12 * 3, "a-c": 1 + 12 * 5, "a-d": 1 + 12 * 7}
+    assert "global" not in extract_features(enc, x, include_global=False)
+    assert list(extract_features(enc, x, every_k_block=None))[-7:] == [f"layer4{s}" for s in
+                                                                          ("", "_mean", "_std", "_mean_2", "_mean_4", "_std_2", "_std_4")]
     with pytest.raises(ValueError, match="valid"):
         extract_features(enc, x, "a-e")
-    # digits-sized input: the 1x1 last stage keeps only its location vector; a 2x2 map has no 2x2 patch stats
+    # digits-sized input: a 1x1 map keeps its (constant) std as released; a 2x2 map has 2x2 but no 4x4 patches
     digits = build_encoder(width=8, in_channels=1)
     f = extract_features(digits, torch.randn(2, 1, 8, 8))
-    assert _kinds(f, "s4b3") == ["loc"]
-    assert _kinds(f, "s3b6") == ["loc", "mean", "std"]
-    assert _kinds(f, "s1b2") == ["loc", "mean", "p2mean", "p2std", "p4mean", "p4std", "std"]
+    kinds = lambda name: sorted(k[len(name):] for k in f if k.startswith(name) and "blk" not in k[len(name):])
+    assert kinds("layer4") == ["", "_mean", "_std"]
+    assert kinds("layer3") == ["", "_mean", "_mean_2", "_std", "_std_2"]
+    assert kinds("conv1") == ["", "_mean", "_mean_2", "_mean_4", "_std", "_std_2", "_std_4"]
+    torch.testing.assert_close(f["layer4_std"], torch.full((2, 1, 64), 1e-3))
     assert all(torch.isfinite(v).all() for v in f.values())
 
 
 def test_std_gradient_finite_on_constant_patches():
     m = torch.zeros(2, 3, 8, 8, requires_grad=True)          # a dead ReLU region: constant patches
-    sum(v.sum() for v in map_features("m", m).values()).backward()
+    sum(v.sum() for v in map_stats("m", m).values()).backward()
     assert torch.isfinite(m.grad).all()
+
+
+def test_release_group_norm_and_stage_norms():
+    enc = build_encoder(width=16)
+    assert [n.num_groups for n in enc.norms] == [16, 32, 32, 32] and all(n.eps == 1e-6 for n in enc.norms)
+    assert enc.stem[1].num_groups == 16 and isinstance(enc.stages[0][0].shortcut, nn.Identity)
+    assert not isinstance(enc.stages[1][0].shortcut, nn.Identity)
+    # the stage's GroupNorm feeds the next stage: layer{i} is the normalised last block output
+    x = torch.randn(2, 4, 16, 16)
+    with torch.no_grad():
+        m = enc.feature_maps(x, every_k_block=3)
+        blk = enc.stages[0](enc.stem(x))
+    torch.testing.assert_close(m["layer1_blk3"], blk)
+    torch.testing.assert_close(m["layer1"], enc.norms[0](blk))
 
 
 def test_bad_input_is_named():
@@ -114,16 +140,19 @@ def test_feature_loss_backpropagates_into_generator():
 
 
 def test_feature_loss_training_step_moves_samples_toward_data():
-    "A few steps of gradient descent on free samples lower the raw-feature drift."
+    """A few steps of gradient descent on free samples move them toward the data and lower the raw-feature drift.
+    Width 64: two channels per GroupNorm group, as the released widths have several (at widths <= 32 the release's
+    rule gives one-channel groups, and a random encoder is then blind to a brightness offset)."""
     torch.manual_seed(0)
-    phi = functools.partial(extract_features, build_encoder(width=8, in_channels=1).requires_grad_(False))
-    pos = torch.randn(2, 16, 1, 8, 8) * 0.5 + 1.0
-    x = torch.nn.Parameter(torch.randn(2, 16, 1, 8, 8))
+    phi = functools.partial(extract_features, build_encoder(width=64, in_channels=1).requires_grad_(False),
+                            feature_set="a-b", every_k_block=None)
+    pos = torch.randn(2, 8, 1, 8, 8) * 0.5 + 1.0
+    x = torch.nn.Parameter(torch.randn(2, 8, 1, 8, 8))
     opt = torch.optim.Adam([x], lr=0.05)
     drifts, start = [], x.detach().mean()
-    for _ in range(30):
+    for _ in range(15):
         loss, info = multi_feature_drifting_loss(phi, x, pos)
-        drifts.append(info["drift/raw"])
+        drifts.append(info["drift/global"])
         opt.zero_grad(); loss.backward(); opt.step()
     assert x.detach().mean() > start + 0.1                     # the samples moved toward the data (mean 1)
     assert drifts[-1] < drifts[0]
@@ -182,8 +211,8 @@ def test_moco_checkpoint_loader(tmp_path):
     torch.save(plain.state_dict(), tmp_path / "simclr.pth")
     assert torch.equal(load_resnet50(tmp_path / "simclr.pth").model.conv1.weight, plain.conv1.weight)
     # and the features come out in the shared format
-    with torch.no_grad(): f = extract_features(enc, torch.rand(1, 3, 64, 64) * 2 - 1, include_raw=False)
-    assert f["s4b3.loc"].shape == (1, 4, 2048) and f["s1b2.loc"].shape == (1, 256, 256)
+    with torch.no_grad(): f = extract_features(enc, torch.rand(1, 3, 64, 64) * 2 - 1, include_global=False)
+    assert f["s4b3"].shape == (1, 4, 2048) and f["s1b2"].shape == (1, 256, 256) and f["s4b3_mean_2"].shape == (1, 1, 2048)
 
 
 def test_mismatched_checkpoint_is_refused(tmp_path):
@@ -199,18 +228,6 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
         load_resnet50(tmp_path / "missing.pth")
 
 
-def test_convnextv2_features(tmp_path):
-    pytest.importorskip("timm")
-    enc = convnextv2_encoder("convnextv2_atto").requires_grad_(False)
-    with torch.no_grad(): f = extract_features(enc, torch.rand(1, 3, 64, 64) * 2 - 1, include_raw=False)
-    assert f["s1b2.loc"].shape == (1, 16 * 16, 40) and f["s4b2.mean"].shape == (1, 1, 320)
-    torch.save(enc.model.state_dict(), tmp_path / "cnx.pth")
-    again = convnextv2_encoder("convnextv2_atto", checkpoint=tmp_path / "cnx.pth")
-    assert torch.equal(again.model.stages[3].blocks[1].mlp.fc1.weight, enc.model.stages[3].blocks[1].mlp.fc1.weight)
-    with pytest.raises(ValueError, match="does not fit"):
-        convnextv2_encoder("convnextv2_pico", checkpoint=tmp_path / "cnx.pth")
-
-
 def _tiny_vae():
     from diffusers import AutoencoderKL
     torch.manual_seed(0)
@@ -222,25 +239,31 @@ def _tiny_vae():
 def test_pixel_encoder_judges_latents_through_vae_decoder():
     vae = _tiny_vae()
     r50 = TorchvisionResNetFeatures().eval().requires_grad_(False)
-    phi = with_vae_decoder(functools.partial(extract_features, r50, feature_set="a-b", include_raw=False), vae, chunk_size=2)
+    phi = with_vae_decoder(functools.partial(extract_features, r50, feature_set="a-b", include_global=False), vae, chunk_size=2)
     G = StandIn()
     gen = G(torch.randn(2 * 3, 8)).reshape(2, 3, 4, 16, 16)[..., :4, :4]   # latents [2,3,4,4,4] -> images 32x32
     loss, info = multi_feature_drifting_loss(phi, gen, torch.randn(2, 3, 4, 4, 4))
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in G.parameters())
     assert all(p.grad is None for p in vae.parameters())
-    assert "input.rms" in info
+    assert "s4b3_std" in info and "s4b3_mean_2" not in info
 
 
 def test_merge_and_save_load(tmp_path):
     enc = build_encoder(width=8)
     phi = merge_feature_fns({"a": functools.partial(extract_features, enc),
-                             "b": functools.partial(extract_features, enc, feature_set="a-b", include_raw=False)})
+                             "b": functools.partial(extract_features, enc, feature_set="a-b", include_global=False)})
     f = phi(torch.randn(1, 4, 32, 32))
-    assert "a/raw" in f and "b/s1b2.loc" in f and "b/s1b2.p2mean" not in f
+    assert "a/global" in f and "b/conv1" in f and "b/conv1_mean_2" not in f and "b/global" not in f
     save_encoder(enc, tmp_path / "enc", step=3)
     back = load_encoder(tmp_path / "enc" / "encoder.safetensors")
     x = torch.randn(2, 4, 32, 32)
     with torch.no_grad(): torch.testing.assert_close(back(x), enc.eval()(x))
     with pytest.raises(FileNotFoundError, match="save_encoder"):
         load_encoder(tmp_path)
+    # an encoder saved before drifting_nb adopted the release's architecture is refused, saying so
+    meta = json.loads((tmp_path / "enc" / "encoder.json").read_text())
+    meta["config"] = dict(in_channels=4, width=8, blocks=[3, 4, 6, 3], patch=1, max_groups=32, every=2)
+    (tmp_path / "enc" / "encoder.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="older drifting_nb architecture"):
+        load_encoder(tmp_path / "enc")

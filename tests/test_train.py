@@ -1,5 +1,5 @@
 "The training system end to end at tiny size: both data spaces, two processes, exact resume after SIGKILL, bad input."
-import json, os, signal, subprocess, sys, time, errno, warnings
+import json, math, os, signal, subprocess, sys, time, errno, warnings
 from pathlib import Path
 import pytest
 import torch
@@ -193,3 +193,26 @@ def test_cifar10_preset_end_to_end(tmp_path, monkeypatch):
     imgs = load_run(cfg.output_dir).sample(torch.tensor([0, 9]), alpha=1.5)
     assert imgs.shape == (2, 32, 32, 3) and imgs.dtype == torch.uint8
     with pytest.raises(ValueError, match="--data-dir"): train(get_config("cifar10", output_dir=str(tmp_path / "r2")))
+
+def test_fid_during_training_for_any_data_set(encoder, folder, tmp_path):
+    "--ref-stats turns on FID/IS in the loop over the CFG list (the release evaluates every 5000 steps), logged everywhere."
+    import test_evaluate                                              # registers the tiny stand-in for Inception
+    from drifting_nb.data import image_folder, to_uint8
+    from drifting_nb.evaluate import FidelityFeatures, compute_ref_stats, save_ref_stats
+    ds = image_folder(folder, size=16)
+    real = to_uint8(torch.stack([ds[i][0] for i in range(len(ds))])).numpy()
+    ref = save_ref_stats(tmp_path / "ref.npz", compute_ref_stats(real, FidelityFeatures("test-tiny")))
+    cfg = get_config("tiny-pixel", encoder_path=encoder, data_dir=str(folder), output_dir=str(tmp_path / "run"), max_steps=4,
+                     sample_every=0, eval_every=2, eval_samples=9, eval_alphas=(1.0, 2.0), ref_stats=str(ref),
+                     fid_extractor="test-tiny", eval_batch_size=4)
+    summary = train(cfg)
+    evals = [r for r in _rows(cfg.output_dir) if "eval" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    for r in evals:
+        assert set(r["eval"]["sweep"]) == {"1.0", "2.0"} and r["eval"]["alpha"] in (1.0, 2.0)
+        assert all(math.isfinite(s["fid"]) and s["isc_mean"] > 0 and s["num_samples"] == 9 for s in r["eval"]["sweep"].values())
+    scores = json.loads((Path(cfg.output_dir) / "scores.json").read_text())
+    assert scores["fid"] == min(s["fid"] for s in scores["sweep"].values()) == summary["eval"]["fid"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(next((Path(cfg.output_dir) / "tb").rglob("events.out.tfevents*")).parent)).Reload()
+    assert {"eval/fid", "eval/fid@alpha=1.0", "eval/fid@alpha=2.0"} <= set(acc.Tags()["scalars"])
