@@ -59,6 +59,7 @@ class TrainConfig:
     Nneg: int = 32
     Nunc: int = 8
     taus: tuple = (0.02, 0.05, 0.2)
+    min_affinity: float = 1e-3         # floor of the kernel affinity: the release's 1e-3 (its product floor 1e-6)
     alpha_k: float = 3.0
     alpha_p_one: float = 0.0
     alpha_max: float = 4.0
@@ -117,6 +118,7 @@ _RULES = {**{k: _whole(1) for k in ("Nc", "Npos", "Nneg", "max_steps", "log_ever
           "weight_decay": _number(lambda v: v >= 0, "a finite number >= 0"),
           "beta1": _number(lambda v: 0 <= v < 1, "a number in [0, 1)"), "beta2": _number(lambda v: 0 <= v < 1, "a number in [0, 1)"),
           "grad_clip": _number(lambda v: v > 0, "a finite number > 0"),
+          "min_affinity": _number(lambda v: 0 <= v < 1, "a finite number in [0, 1)"),
           "alpha_k": _number(lambda v: v >= 0, "a finite number >= 0"),
           "alpha_p_one": _number(lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
           "alpha_max": _number(lambda v: v >= 1, "a finite CFG scale >= 1"),
@@ -501,7 +503,8 @@ def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None) -> dict:
                     x = model(noise, labels.repeat_interleave(cfg.Nneg), alpha.repeat_interleave(cfg.Nneg), style)
                     # the encoder is frozen and in eval mode: the real samples' features need no graph (joint=False)
                     loss, info = multi_feature_drifting_loss(phi, x.float().view(m_micro, cfg.Nneg, *S), pos, unc, w,
-                                                             joint=False, taus=cfg.taus, global_batch=world > 1)
+                                                             joint=False, taus=cfg.taus, global_batch=world > 1,
+                                                             min_affinity=cfg.min_affinity)
                 if fault_hook is not None: loss = fault_hook(step + 1, loss)
                 bad = accelerator.reduce(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device), "sum")
                 if bad.item() > 0:
