@@ -7,6 +7,7 @@ from __future__ import annotations
 import json, math, os, shutil, time, warnings
 from pathlib import Path
 from types import SimpleNamespace
+import numpy as np
 import torch
 import torch.nn as nn
 from torch import Tensor

@@ -12,20 +12,10 @@ from torch import Tensor
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 from .run import load_run as _load_run
-from .run import balanced_labels, make_labels, run_device, check_alpha, iter_samples, default_device, open_run   # notebook 07a
+from .run import balanced_labels, make_labels, run_device, check_alpha, iter_samples, default_device, open_run, generate   # notebook 07a
 
 # %% auto #0
-__all__ = ['MAX_GRID', 'generate', 'write_npz', 'save_npz', 'grid_nrow', 'save_grid', 'load_run', 'sample_parser', 'main']
-
-# %% ../nbs/08b_sample.ipynb #20728662
-def generate(run, labels: Tensor, alpha: float = 1.0, batch_size: int = 250, seed: int = 0, progress: bool = False):
-    "All samples at once: (uint8 numpy [N,H,W,C], labels numpy [N]), filled batch by batch into one array."
-    out = None
-    for i, (x, lab) in enumerate(iter_samples(run, labels, alpha, batch_size, seed, progress)):
-        if out is None: out = np.empty((len(labels), *x.shape[1:]), dtype=np.uint8)
-        s = i * batch_size
-        out[s:s + len(x)] = x.numpy()
-    return out, np.asarray(labels, dtype=np.int64)
+__all__ = ['MAX_GRID', 'write_npz', 'save_npz', 'grid_nrow', 'save_grid', 'load_run', 'sample_parser', 'main']
 
 # %% ../nbs/08b_sample.ipynb #6f7a7b36
 def _atomic_target(path: Path):
