@@ -18,8 +18,7 @@ from tqdm.auto import tqdm
 from accelerate.utils import gather_object
 
 from .data import SDVAE, SafeImageFolder, adm_transform, resolve_split
-from .runtime import atomic_write, process_state, cpu_threads   # the last two: an old import site (06a)
-_atomic_write = atomic_write                                      # old name, still imported by the toy job
+from .runtime import atomic_write, process_state       # notebook 06a
 
 # %% ../nbs/06b_latents.ipynb #ff5678fd
 FORMAT = "drifting_nb.latents/1"

@@ -463,7 +463,7 @@ def plot_training(history: ToyHistory, n_panels: int = 5, arrows: bool = False, 
 def save_toy_checkpoint(trainer: ToyTrainer, folder) -> Path:
     "Write a resumable checkpoint of `trainer` into `folder` (model.safetensors, optimizer.safetensors, checkpoint.json)."
     from safetensors.torch import save_file
-    from drifting_nb.latents import _atomic_write               # write a temporary file, then os.replace (notebook 06b)
+    from drifting_nb.runtime import atomic_write as _atomic_write   # a temporary file, then os.replace (notebook 06a)
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     meta = {"step": str(trainer.step_count)}
     model = trainer.acc.unwrap_model(trainer.model) if trainer.acc is not None else trainer.model
@@ -654,9 +654,9 @@ def run_toy_job(preset: str = "checkerboard", output_dir="drifting_runs/toy", *,
     """Train the toy preset `preset` (a key of TOY_PRESETS) through Accelerate and write metrics.jsonl, final_samples.png,
     animation.html and checkpoint/ into output_dir. `overrides` change ToyConfig options; `max_steps` caps the steps;
     `resume` continues from output_dir/checkpoint when it exists; `threads`: torch's CPU threads for the job (None:
-    leave them; 0: the machine's cores, see `drifting_nb.latents.cpu_threads`). Returns a summary dict (final loss,
+    leave them; 0: the machine's cores, see `drifting_nb.runtime.cpu_threads`). Returns a summary dict (final loss,
     energy distance, noise floor, their ratio, train and wall time)."""
-    from drifting_nb.latents import cpu_threads
+    from drifting_nb.runtime import cpu_threads
     with cpu_threads(threads):
         return _toy_job(preset, output_dir, max_steps, seed, overrides, resume, accelerator, log_every, checkpoint_every)
 

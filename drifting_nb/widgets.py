@@ -5,23 +5,21 @@
 # %% ../nbs/02_interactive.ipynb #d1319143
 from __future__ import annotations
 import base64, io, threading, time
-from pathlib import Path
 import numpy as np
 import torch
 import ipywidgets as W
+import anywidget, traitlets
 import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.io._base_renderers import MimetypeRenderer
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator
-from IPython.display import display
 from .drift import compute_V
-from .latents import cpu_threads          # (moving to drifting_nb.runtime)
-from .toy import (TARGETS, ToyHistory, train_toy, toy_preset, evaluate_toy, plot_samples, arrow_reference,
-                             snapshot_arrows, toy_animation, save_animation_html, _arrow_segments)
+from .runtime import cpu_threads          # notebook 06a
+from .toy import TARGETS, ToyHistory, train_toy, evaluate_toy, plot_samples, arrow_reference, snapshot_arrows
 
 # %% auto #0
-__all__ = ['INITS', 'plotly_png', 'static_plotly', 'SnapshotFrames', 'ToyPanel', 'FieldExplorer']
+__all__ = ['INITS', 'plotly_png', 'static_plotly', 'SnapshotFrames', 'FramePlayer', 'ToyPanel', 'FieldExplorer']
 
 # %% ../nbs/02_interactive.ipynb #b7e1a003
 def _mpl_color(c):
@@ -148,22 +146,66 @@ class SnapshotFrames:
         for i in range(len(self)): self.png(i)
         return (time.perf_counter() - t0) / max(len(self), 1)
 
+# %% ../nbs/02_interactive.ipynb #b7e1a007
+class FramePlayer(anywidget.AnyWidget):
+    """Frames (PNG bytes) that play in the browser: Play/Pause, a slider and a label, flipped by the page's own timer
+    every `interval` ms. The frames travel to the browser once; playing sends nothing to the kernel until it stops
+    (then `index` says where)."""
+    _esm = """
+    function render({ model, el }) {
+      const bar = document.createElement("div"), play = document.createElement("button");
+      const slider = document.createElement("input"), label = document.createElement("span");
+      const img = document.createElement("img");
+      bar.style.cssText = "display:flex; gap:0.6em; align-items:center; margin-bottom:0.3em";
+      play.className = "jupyter-button dn-play"; slider.type = "range"; slider.min = 0; slider.style.flex = "1";
+      label.className = "dn-label"; label.style.minWidth = "6em"; img.className = "dn-frame";
+      img.style.cssText = "width:100%; height:auto; display:block";
+      bar.append(play, slider, label); el.append(bar, img);
+      let urls = [], timer = null;
+      const show = i => { if (!urls.length) return; img.src = urls[i]; slider.value = i;
+                          label.textContent = model.get("labels")[i] ?? String(i); };
+      const load = () => { urls.forEach(u => URL.revokeObjectURL(u));
+        urls = model.get("frames").map(b => URL.createObjectURL(new Blob([b], {type: "image/png"})));
+        slider.max = Math.max(urls.length - 1, 0); show(Math.min(model.get("index"), urls.length - 1)); };
+      const sync = () => { model.set("index", Number(slider.value)); model.save_changes(); };
+      const stop = () => { clearInterval(timer); timer = null; play.textContent = "\u25B6 Play"; sync(); };
+      play.textContent = "\u25B6 Play";
+      play.onclick = () => {
+        if (timer) return stop();
+        let i = Number(slider.value) >= urls.length - 1 ? 0 : Number(slider.value);
+        play.textContent = "\u275A\u275A Pause";
+        timer = setInterval(() => { show(i); if (++i >= urls.length) stop(); }, model.get("interval"));
+      };
+      slider.oninput = () => show(Number(slider.value));
+      slider.onchange = sync;
+      model.on("change:frames", load);
+      model.on("change:index", () => { if (!timer) show(model.get("index")); });
+      load();
+      return () => { clearInterval(timer); urls.forEach(u => URL.revokeObjectURL(u)); };
+    }
+    export default { render };
+    """
+    frames = traitlets.List(traitlets.Bytes()).tag(sync=True)
+    labels = traitlets.List(traitlets.Unicode()).tag(sync=True)
+    index = traitlets.Int(0).tag(sync=True)
+    interval = traitlets.Int(80).tag(sync=True)
+
 # %% ../nbs/02_interactive.ipynb #211d35aa
 INITS = {"network default": None, "between the modes": (0.0, 0.0), "far away": (0.0, -1.6), "collapsed on one mode": (0.6, 0.0)}
 
 def _column(*children, **layout): return W.VBox(list(children), layout=W.Layout(**layout))
 
 class ToyPanel:
-    """An ipywidgets panel around `train_fn` (default `train_toy`): controls -> options, Train, then Play/slider over
-    the snapshots, drawn once each by `SnapshotFrames` and shown in an Image. `threads`: torch's CPU threads while
-    training (None: leave torch's setting)."""
+    """An ipywidgets panel around `train_fn` (default `train_toy`): controls -> options, Train, then the snapshots,
+    drawn once each by `SnapshotFrames`, played by a `FramePlayer`. `threads`: torch's CPU threads while training
+    (None: leave torch's setting); `interval`: ms between frames when playing."""
     def __init__(self, train_fn=train_toy, steps: int = 500, n: int = 512, lr: float = 1e-2, threads: int | None = 1,
                  interval: int = 80):
         self.train_fn, self.threads, self.history, self.model, self.frames, self.shown = train_fn, threads, None, None, None, None
         s = dict(style={"description_width": "9em"}, layout=W.Layout(width="100%"))
         self.target = W.Dropdown(options=list(TARGETS), value="checkerboard", description="target", **s)
         self.init = W.Dropdown(options=list(INITS), value="network default", description="q starts", **s)
-        self.taus = W.SelectMultiple(options=[0.01, 0.02, 0.05, 0.1, 0.2, 0.5], value=(0.02, 0.05, 0.2), rows=3,
+        self.taus = W.SelectMultiple(options=[0.01, 0.02, 0.05, 0.1, 0.2, 0.5], value=(0.02, 0.05, 0.2), rows=6,
                                      description="temperatures τ", **s)
         self.drift_norm = W.Checkbox(value=True, description="normalise each τ's drift (Sec. 3.4)", indent=False, **s)
         self.normalize = W.ToggleButtons(options=["xy", "y", "none"], value="xy", description="normalise",
@@ -178,20 +220,13 @@ class ToyPanel:
         self.train_button = W.Button(description="Train", button_style="primary", icon="play", layout=W.Layout(width="8em"))
         self.progress = W.IntProgress(value=0, min=0, max=steps, layout=W.Layout(width="100%"))
         self.status = W.HTML("press <b>Train</b>", layout=W.Layout(width="100%"))
-        self.play = W.Play(value=0, min=0, max=0, interval=interval, description="Play")
-        self.slider = W.IntSlider(value=0, min=0, max=0, description="snapshot", continuous_update=True,
-                                  style={"description_width": "5em"}, layout=W.Layout(flex="1 1 auto", width="auto"))
-        W.jslink((self.play, "value"), (self.slider, "value"))
-        self.stack = W.Stack([W.HTML("<i>no run yet: press Train</i>")], selected_index=0,   # then one Image a frame,
-                             layout=W.Layout(width="100%", max_width="50em"))                 # shown one at a time
-        W.jslink((self.slider, "value"), (self.stack, "selected_index"))
+        self.player = FramePlayer(interval=interval, layout=W.Layout(width="100%", max_width="50em"))
+        self.player.observe(lambda ch: self.show(ch["new"]), names="index")
         self.train_button.on_click(self.train)
-        self.slider.observe(lambda ch: self.show(ch["new"]), names="value")
         controls = _column(self.target, self.init, self.taus, self.drift_norm, self.normalize, self.pos_mult, self.neg_mult, self.n_pos,
                            self.n_neg, self.steps, self.lr, W.HBox([self.train_button]), self.progress, self.status,
                            flex="0 1 24em", min_width="18em", margin="0 1em 0 0")
-        view = _column(W.HBox([self.play, self.slider], layout=W.Layout(width="100%")), self.stack,
-                       flex="1 1 30em", min_width="18em")
+        view = _column(self.player, flex="1 1 30em", min_width="18em")
         self.widget = W.HBox([controls, view], layout=W.Layout(flex_flow="row wrap", width="100%", align_items="flex-start"))
 
     def options(self) -> dict:
@@ -203,7 +238,7 @@ class ToyPanel:
                     snapshot_every=max(1, self.steps.value // 40), n_snapshot=800, grid=16)
 
     def train(self, _=None):
-        "Train with the current options (progress bar), draw every snapshot's frame, point the slider at the last one."
+        "Train with the current options (progress bar), draw every snapshot's frame, hand them to the player at the last."
         opts = self.options()
         self.progress.max, self.progress.value = opts["steps"], 0
         self.train_button.disabled, self.status.value = True, "training..."
@@ -224,18 +259,19 @@ class ToyPanel:
                                  f"({per_frame * 1000:.0f} ms each to draw)")
         finally:
             self.train_button.disabled = False
-        self.play.value = 0
-        self.stack.children = [W.Image(value=self.frames.png(i), format="png", layout=W.Layout(width="100%", height="auto"))
-                               for i in range(len(self.frames))]
-        self.slider.max = self.play.max = len(self.frames) - 1
-        if self.slider.value == self.slider.max: self.show(self.slider.max)
-        else: self.slider.value = self.slider.max
+        with self.player.hold_sync():
+            self.player.frames = [self.frames.png(i) for i in range(len(self.frames))]
+            self.player.labels = [f"step {s}" for s in self.history.snapshot_steps]
+            self.player.index = len(self.frames) - 1
+        self.show(len(self.frames) - 1)
         return self.history
 
     def show(self, i: int):
-        "Show snapshot i's frame. (In the browser the slider moves the Stack itself: Play flips images already there.)"
+        "Show snapshot i's frame (the player's index; the browser flips to it)."
         if self.frames is None: return
-        self.stack.selected_index = self.shown = i
+        i = range(len(self.frames))[i]
+        if self.player.index != i: self.player.index = i
+        self.shown = i
 
     def _repr_mimebundle_(self, **kw):
         "The widget; and the frame on screen as a PNG, which a saved notebook keeps (the widget needs a live kernel)."
@@ -244,6 +280,15 @@ class ToyPanel:
         return b
 
 # %% ../nbs/02_interactive.ipynb #c8f20002
+def _arrows_xy(p: np.ndarray, v: np.ndarray, head: float = 0.2):
+    """Arrows from points p [N,2] along v [N,2] as line coordinates with NaN breaks, a shaft and a two-stroke head
+    each: x, y [N*9] numpy arrays (which plotly takes whole, without checking element by element)."""
+    tip, u, w = p + v, v[:, :1], v[:, 1:]
+    gap = np.full_like(p, np.nan)
+    left, right = tip + head * np.hstack([-u + 0.5 * w, -w - 0.5 * u]), tip + head * np.hstack([-u - 0.5 * w, -w + 0.5 * u])
+    pts = np.stack([p, tip, gap, tip, left, gap, tip, right, gap], 1)       # [N,9,2]
+    return pts[..., 0].ravel(), pts[..., 1].ravel()
+
 class FieldExplorer:
     """Data (grey) and generated (orange) points on a plotly FigureWidget, with the arrows of V+, -V- and
     V = a V+ - b V- (`compute_V`, Alg. 2) at every generated point, recomputed when a point or a control changes.
@@ -319,13 +364,13 @@ class FieldExplorer:
         Vp, Vm, V = self.fields()
         x = self.gen.numpy()
         live = len(self.gen) >= 2 and len(self.data) >= 1
-        segs = [_arrow_segments(x, self.scale.value * v.numpy(), head=0.2) if live and self.parts[k].value else ([], [])
+        segs = [_arrows_xy(x, self.scale.value * v.numpy()) if live and self.parts[k].value else ([], [])
                 for k, v in (("V+", Vp), ("-V-", -Vm), ("V", V))]
         pick = [] if self.picked is None else [(self.data if self.picked[0] == "data" else self.gen)[self.picked[1]].tolist()]
         with self.fig.batch_update():
             d = self.fig.data
-            d[1].x, d[1].y = self.data[:, 0].tolist(), self.data[:, 1].tolist()
-            d[2].x, d[2].y = x[:, 0].tolist(), x[:, 1].tolist()
+            d[1].x, d[1].y = self.data[:, 0].numpy(), self.data[:, 1].numpy()
+            d[2].x, d[2].y = x[:, 0], x[:, 1]
             for t, (sx, sy) in zip(d[3:6], segs): t.x, t.y = sx, sy
             d[6].x, d[6].y = [p[0] for p in pick], [p[1] for p in pick]
         self.timings.append(time.perf_counter() - t0)

@@ -19,7 +19,7 @@ pytestmark = [
     pytest.mark.skipif(CHROMIUM is None, reason="no system chromium (apt-get install chromium; .ci/run installs it)"),
 ]
 NOTEBOOK = "02_interactive.ipynb"
-PANEL_CELLS = ["0dd8933e", "d1319143", "9ed98ad1", "b7e1a003", "b7e1a005", "211d35aa", "63048661"]   # imports .. panel
+PANEL_CELLS = ["0dd8933e", "d1319143", "9ed98ad1", "b7e1a003", "b7e1a005", "b7e1a007", "211d35aa", "63048661"]   # imports .. panel
 EXPLORER_CELLS = ["c8f20002", "c8f20003"]
 SHOTS = Path(os.environ["DRIFTING_SCREENSHOTS"]) if os.environ.get("DRIFTING_SCREENSHOTS") else None
 
@@ -125,31 +125,35 @@ def _panel_and_explorer(page, url, token, root):
     page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=90_000)
     page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=90_000)
     _run_cells(page, PANEL_CELLS, cell_ids)
+    assert not _tracebacks(page), _tracebacks(page)
     panel = page.locator(".jp-Cell").nth(cell_ids.index(PANEL_CELLS[-1])).locator(".jp-OutputArea-output")
+    steps = panel.locator(".widget-hslider").filter(has_text="steps").locator(".widget-readout")
+    steps.click(); page.keyboard.press("Control+a"); page.keyboard.type("100"); page.keyboard.press("Enter")
+    page.wait_for_function("el => el.textContent.trim() === '100'", arg=steps.element_handle())   # a short run
     panel.get_by_role("button", name="Train").click()
     page.wait_for_function("el => /frames/.test(el.textContent)", arg=panel.locator(".widget-html").first.element_handle(),
                            timeout=300_000)                                   # trained, and every frame drawn
-    image = panel.locator("img.widget-image").first
+    image = panel.locator("img.dn-frame")
     page.wait_for_function("img => img && img.naturalWidth > 0 && img.src.startsWith('blob:')",
                            arg=image.element_handle(timeout=30_000), timeout=30_000)
     panel.scroll_into_view_if_needed()
     # Play: count how often the picture changes
-    image.evaluate("""img => { window._flips = [];          // the time of every new frame: an img put in the Stack
-        new MutationObserver(ms => ms.forEach(m => m.addedNodes.forEach(n => {
-            if (n.querySelector && (n.matches('img') || n.querySelector('img'))) window._flips.push(performance.now()); })))
-        .observe(img.closest('.widget-stack') || img.parentElement, {childList: true, subtree: true}); }""")
-    panel.locator(".widget-play button").first.click()
+    frame, label = panel.locator("img.dn-frame"), panel.locator(".dn-label")
+    frame.evaluate("""(img, label) => { window._flips = [];     // when the picture changes, and to which step
+        new MutationObserver(() => window._flips.push([performance.now(), label.textContent]))
+        .observe(img, {attributes: true, attributeFilter: ["src"]}); }""", label.element_handle())
+    panel.locator("button.dn-play").click()
     page.wait_for_timeout(1500)
     _shot(page, "panel_1400.png")
-    deadline = time.time() + 20
-    while time.time() < deadline:
+    deadline = time.time() + 30
+    while time.time() < deadline:                        # until Play has stopped at the last frame for a second
         flips = page.evaluate("window._flips")
-        if len(flips) > 5 and page.evaluate("performance.now()") - flips[-1] > 1000: break
+        if len(flips) > 5 and page.evaluate("performance.now()") - flips[-1][0] > 1000: break
         page.wait_for_timeout(250)
-    flips = page.evaluate("window._flips")
-    assert len(flips) >= 10, f"Play showed {len(flips)} frames"
-    fps = (len(flips) - 1) / ((flips[-1] - flips[0]) / 1000)
-    print(f"\nPlay: {len(flips)} frames shown at {fps:.1f} frames/s")
+    shown = {step for _, step in flips}
+    assert len(shown) >= 10, f"Play showed {len(shown)} frames"
+    fps = (len(shown) - 1) / ((flips[-1][0] - flips[0][0]) / 1000)
+    print(f"\nPlay: {len(shown)} distinct frames in {(flips[-1][0] - flips[0][0]) / 1000:.1f} s: {fps:.1f} frames/s")
     assert not _tracebacks(page), _tracebacks(page)
     page.set_viewport_size({"width": 1100, "height": 1000})
     page.wait_for_timeout(500)

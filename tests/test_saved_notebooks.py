@@ -10,8 +10,13 @@ from nbdev.clean import clean_jupyter, clean_nb
 ROOT = Path(__file__).resolve().parent.parent
 NBS = ROOT / "nbs"
 FIGURE_NOTEBOOKS = ["00_drift.ipynb", "01_toy.ipynb", "02_interactive.ipynb"]
-# a cell draws when it calls plt.show() or a drawing helper, or ends by displaying a figure, panel or explorer
-DRAWS = re.compile(r"plt\.show\(\)|show_ablation\(|^(fig|anim|p|ex)\s*\Z", re.M)
+# a cell draws when a top-level statement calls plt.show() or a drawing helper, or it ends by displaying a figure,
+# panel or explorer (a cell that only defines a drawing function draws nothing)
+DRAWS = re.compile(r"^(.*plt\.show\(\)|show_ablation\(.*|(fig|anim|p|ex)\s*\Z)", re.M)
+
+
+def _top_level(source: str) -> str:
+    return "\n".join(l for l in source.strip().splitlines() if l and not l[0].isspace())
 
 
 def _nb(name): return json.loads((NBS / name).read_text())
@@ -20,7 +25,7 @@ def _nb(name): return json.loads((NBS / name).read_text())
 @pytest.mark.parametrize("name", FIGURE_NOTEBOOKS)
 def test_figure_cells_keep_their_pictures(name):
     nb = _nb(name)
-    drawing = [c for c in nb["cells"] if c["cell_type"] == "code" and DRAWS.search("".join(c["source"]).strip())]
+    drawing = [c for c in nb["cells"] if c["cell_type"] == "code" and DRAWS.search(_top_level("".join(c["source"])))]
     assert drawing, f"{name} has no figure cells"
     bare = [c["id"] for c in drawing if not any("image/png" in o.get("data", {}) for o in c.get("outputs", []))]
     assert not bare, f"{name}: figure cells {bare} have no saved picture: run `python tools/nbfigures.py nbs/{name}`"

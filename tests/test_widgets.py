@@ -41,21 +41,23 @@ def test_panel_controls_reach_train_toy():
     assert (seen["normalize"], seen["pos_mult"], seen["neg_mult"], seen["drift_norm"]) == ("none", 1.5, 0.5, False)
     assert (seen["n_pos"], seen["n_neg"], seen["steps"]) == (128, 256, 300)
     assert seen["threads"] == 3 and torch.get_num_threads() == before   # the panel's own threads, then restored
-    assert p.slider.max == p.play.max == len(h.snapshots) - 1
-    assert p.shown == p.slider.max                               # after training the last snapshot is on screen
+    assert len(p.player.frames) == len(h.snapshots) and p.player.labels[0] == "step 0"
+    assert p.shown == p.player.index == len(h.snapshots) - 1     # after training the last snapshot is on screen
     assert not p.train_button.disabled
 
 
-def test_slider_flips_cached_frames_without_pyplot():
+def test_player_holds_every_frame_without_pyplot():
     plt.close("all")
     p = ToyPanel(train_fn=small_train)
     h = p.train()
     assert len(p.frames.cache) == len(h.snapshots)               # every frame drawn once, right after training
     for i in (1, 3, 0):
-        p.slider.value = i
+        p.player.index = i                                       # as the browser reports it
         assert p.shown == i and h.snapshots[p.shown]["step"] == 3 * i
-        assert p.stack.selected_index == i and p.stack.children[i].value == p.frames.cache[i]
-    assert len(p.stack.children) == len(h.snapshots) and p.stack.children[0].value[:4] == b"\x89PNG"
+        assert p.player.frames[i] == p.frames.cache[i]
+    assert p.player.frames[0][:4] == b"\x89PNG"
+    p.show(-1)
+    assert p.player.index == p.shown == len(h.snapshots) - 1
     assert plt.get_fignums() == []                               # nothing went through pyplot's global state
     assert "image/png" in p._repr_mimebundle_()                  # a saved notebook keeps the frame on screen
 
