@@ -142,10 +142,11 @@ def make_dataset(cfg: MAEConfig, data_dir=None, seed: int = 0) -> Dataset:
 # %% ../nbs/04b_train_mae.ipynb #bc9673a0
 def lr_at(step: int, cfg: MAEConfig) -> float:
     "Learning rate of update `step` (0-based) of a run of cfg.steps updates."
+    if cfg.schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule must be 'constant' or 'cosine', got {cfg.schedule!r}")
     if cfg.ft_lr and step >= cfg.steps - cfg.ft_steps: return cfg.ft_lr
     if step < cfg.warmup_steps: return 1e-6 + (cfg.lr - 1e-6) * step / cfg.warmup_steps
     if cfg.schedule == "constant": return cfg.lr
-    if cfg.schedule != "cosine": raise ValueError(f"schedule must be 'constant' or 'cosine', got {cfg.schedule!r}")
     t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
 
