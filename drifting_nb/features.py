@@ -14,11 +14,11 @@ from torch import Tensor
 from .drift import feature_drifting_loss
 
 # %% auto #0
-__all__ = ['ARCH', 'ENCODER_KINDS', 'FEATURE_SETS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'gn_groups', 'GroupNorm', 'group_norm',
-           'BasicBlock', 'ResNetEncoder', 'build_encoder', 'map_stats', 'mae_activations', 'extract_features',
-           'feature_table', 'multi_feature_drifting_loss', 'TorchvisionResNetFeatures', 'backbone_state_dict',
-           'load_resnet50', 'TimmConvNeXtFeatures', 'convnextv2_encoder', 'with_vae_decoder', 'merge_feature_fns',
-           'save_encoder', 'load_encoder']
+__all__ = ['ARCH', 'ENCODER_KINDS', 'FEATURE_SETS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'CONVNEXTV2_CHECKPOINT', 'gn_groups',
+           'GroupNorm', 'group_norm', 'BasicBlock', 'ResNetEncoder', 'build_encoder', 'map_stats', 'mae_activations',
+           'extract_features', 'feature_table', 'multi_feature_drifting_loss', 'TorchvisionResNetFeatures',
+           'backbone_state_dict', 'load_resnet50', 'ConvNeXtV2Features', 'convnextv2_features', 'with_vae_decoder',
+           'merge_feature_fns', 'save_encoder', 'load_encoder']
 
 # %% ../nbs/03_features.ipynb #d20204a7
 def gn_groups(channels: int, max_groups: int = 32) -> int:
@@ -333,41 +333,66 @@ def load_resnet50(path, input_range=(-1.0, 1.0), every: int = 2) -> TorchvisionR
     return enc.eval()
 
 # %% ../nbs/03_features.ipynb #918398e7
-class TimmConvNeXtFeatures(_PixelInput):
-    "A timm ConvNeXt(-V2) exposing `feature_maps` (every `every` blocks and each stage's end; every=None: stage ends)."
-    def __init__(self, model: nn.Module, input_range=(-1.0, 1.0), every: int | None = 2):
+CONVNEXTV2_CHECKPOINT = "facebook/convnextv2-base-22k-224"    # the transformers checkpoint of the release's pixel recipes
+
+def _standardize(y: Tensor, eps: float = 1e-3) -> Tensor:
+    "Each location's channel vector of y [n,C,H,W], in float32: (y - mean) / (std + eps), std biased (as released)."
+    y = y.float()
+    return (y - y.mean(1, keepdim=True)) / (y.std(1, keepdim=True, correction=0) + eps)
+
+class ConvNeXtV2Features(_PixelInput):
+    """The release's ConvNeXt-V2 features of pixel samples x [n,3,H,W] in `input_range` (a transformers
+    ConvNextV2Model `model`): calling it gives the 13 terms {key: [n,L,C]}; `feature_maps` the raw stage outputs."""
+    def __init__(self, model: nn.Module, input_range=(-1.0, 1.0), size: int = 224):
         super().__init__()
-        self.model, self.every = model, every
-        cfg = getattr(model, "pretrained_cfg", {}) or {}
-        self._setup_input(input_range, cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
+        self.model, self.size = model, size
+        self._setup_input(input_range)
 
     def feature_maps(self, x: Tensor) -> dict[str, Tensor]:
-        h, maps = self.model.stem(self.normalize(x)), {}
-        for s, stage in enumerate(self.model.stages):
-            h = stage.downsample(h)
-            n = len(stage.blocks)
-            for i, block in enumerate(stage.blocks):
-                h = block(h)
-                if i == n - 1 or (self.every and (i + 1) % self.every == 0): maps[f"s{s + 1}b{i + 1}"] = h
+        "ImageNet-normalise, resize to size x size (bilinear, antialiased), run: {'stage0': [n,C0,size/4,size/4], ...}."
+        h = F.interpolate(self.normalize(x), size=(self.size, self.size), mode="bilinear", align_corners=False,
+                          antialias=True)
+        h, maps = self.model.embeddings(h), {}
+        for i, stage in enumerate(self.model.encoder.stages):
+            h = maps[f"stage{i}"] = stage(h)
         return maps
 
-def convnextv2_encoder(name: str = "convnextv2_base", checkpoint=None, pretrained: bool = False,
-                       input_range=(-1.0, 1.0), every: int | None = 2) -> TimmConvNeXtFeatures:
-    """ConvNeXt-V2 feature encoder from timm: random init, `pretrained=True` (timm hub weights) or a local
-    `checkpoint` file. Needs the `timm` package."""
-    try: import timm
-    except ImportError as e: raise ImportError("convnextv2_encoder needs timm: pip install timm") from e
-    from timm.models.convnext import checkpoint_filter_fn
-    if not name.startswith("convnext"): raise ValueError(f"{name!r} is not a ConvNeXt model name")
-    model = timm.create_model(name, pretrained=pretrained and checkpoint is None)
-    if checkpoint is not None:
-        sd = checkpoint_filter_fn(_read_state_dict(checkpoint), model)
-        sd = {k: v for k, v in sd.items() if not k.startswith("head.fc.")}
-        expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith("head.fc.")}
-        bad = [k for k in expected if k not in sd or sd[k].shape != expected[k]] + [k for k in sd if k not in expected]
-        if bad: raise ValueError(f"{checkpoint} does not fit {name}: {len(bad)} missing/unexpected/mismatched keys, e.g. {bad[:4]}")
-        model.load_state_dict(sd, strict=False)
-    return TimmConvNeXtFeatures(model, input_range, every).eval()
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        maps, out = list(self.feature_maps(x).values()), {}
+        for i, m in enumerate(maps):
+            z = _standardize(m).flatten(2)                                       # [n,C,HW]
+            if i > 0: out[f"convenxt_stage_{i}"] = z.transpose(1, 2)             # per location: stages 1-3
+            out[f"convenxt_stage_{i}_mean"] = z.mean(2)[:, None]                 # over locations: [n,1,C]
+            out[f"convenxt_stage_{i}_std"] = z.var(2, correction=0).add(1e-6).sqrt()[:, None]
+        norm = self.model.layernorm                                              # the pooler, eps as released
+        pooled = maps[-1].float().mean((2, 3))
+        out["global_mean"] = F.layer_norm(pooled, norm.normalized_shape, norm.weight.float(), norm.bias.float(), 1e-6)[:, None]
+        out["global_std"] = out[f"convenxt_stage_{len(maps) - 1}_std"]
+        return out
+
+def convnextv2_features(source=CONVNEXTV2_CHECKPOINT, input_range=(-1.0, 1.0), size: int = 224) -> ConvNeXtV2Features:
+    """Frozen `ConvNeXtV2Features` from `source`: a hub id (default: the release's checkpoint; needs internet once),
+    a local folder written by `save_pretrained`, a `ConvNextV2Config` (random weights) or a `ConvNextV2Model`."""
+    try: from transformers import ConvNextV2Config, ConvNextV2Model
+    except ImportError as e: raise ImportError("ConvNeXt-V2 features need transformers: pip install transformers") from e
+    if isinstance(source, ConvNextV2Config): model = ConvNextV2Model(source)
+    elif isinstance(source, ConvNextV2Model): model = source
+    else:
+        try: cfg, _ = ConvNextV2Config.get_config_dict(str(source))
+        except OSError as e:
+            raise OSError(f"no ConvNeXt-V2 at {str(source)!r}: give a folder written by save_pretrained, or a hub id "
+                          f"on a machine that can download it ({e})") from e
+        if cfg.get("model_type") != "convnextv2":
+            raise ValueError(f"{str(source)!r} holds a {cfg.get('model_type')!r} model, not a ConvNeXt-V2 ('convnextv2')")
+        from transformers.utils import logging as hf_logging
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()                   # the classifier head of the hub checkpoint is not needed
+        try: model, info = ConvNextV2Model.from_pretrained(str(source), output_loading_info=True)
+        finally: hf_logging.set_verbosity(level)
+        if info["missing_keys"]:
+            raise ValueError(f"{str(source)!r} lacks {len(info['missing_keys'])} ConvNeXt-V2 weights, "
+                             f"e.g. {sorted(info['missing_keys'])[:4]}")
+    return ConvNeXtV2Features(model, input_range, size).requires_grad_(False).eval()
 
 # %% ../nbs/03_features.ipynb #d6842754
 def with_vae_decoder(encoder_fn: Callable[[Tensor], dict], vae, scaling_factor: float | None = None,

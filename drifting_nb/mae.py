@@ -81,7 +81,7 @@ def mae_loss(model: MAE, x: Tensor, mask: Tensor | None = None, labels: Tensor |
     None to draw one. recon: per sample, the squared error summed over channels and averaged over masked positions
     of the encoder's grid, then the mean over samples (as released). Returns (loss = (1-lam)*recon + lam*ce,
     info {recon, ce, acc} as detached tensors)."""
-    patch = getattr(model.encoder, "patch", 1)
+    patch = getattr(getattr(model, "module", model).encoder, "patch", 1)            # DDP wraps the MAE as .module
     if mask is None: mask = random_patch_mask(x, mask_patch, p, patch, generator)
     rec, logits = model(x * (1 - mask))
     se = ((rec.float() - x.float()).pow(2) * mask).sum((1, 2, 3))                 # [n], masked entries only

@@ -10,7 +10,7 @@ import nbformat
 from nbconvert import MarkdownExporter
 
 # %% auto #0
-__all__ = ['readme_markdown', 'render_readme']
+__all__ = ['rebase_links', 'readme_markdown', 'render_readme']
 
 # %% ../nbs/99_readme.ipynb #20eb7deb
 _DIRECTIVE = re.compile(r"^\s*#\s*\|\s*(.*)$")
@@ -18,8 +18,15 @@ _DIRECTIVE = re.compile(r"^\s*#\s*\|\s*(.*)$")
 def _directives(src: str) -> list[str]:
     return [m.group(1).strip() for line in src.splitlines() if (m := _DIRECTIVE.match(line))]
 
+_RELATIVE = re.compile(r"(\]\(|src=\")(?![a-z][a-z0-9+.-]*:|/|#)")    # a link or image target that is a relative path
+
+def rebase_links(markdown: str, prefix: str = "nbs/") -> str:
+    "Prefix every relative link and image path (written relative to nbs/, as JupyterLab resolves them) with `prefix`."
+    return _RELATIVE.sub(lambda m: m.group(1) + prefix, markdown)
+
 def readme_markdown(index: str | Path = "nbs/index.ipynb") -> str:
-    "Markdown of the index notebook, with hidden cells removed and directive lines stripped."
+    """Markdown of the index notebook, with hidden cells removed, directive lines stripped, and relative links and
+    images rebased from the notebook's folder (nbs/) to the repository root, where README.md lives."""
     nb = nbformat.read(str(index), as_version=4)
     nb = copy.deepcopy(nb)
     cells = []
@@ -31,7 +38,7 @@ def readme_markdown(index: str | Path = "nbs/index.ipynb") -> str:
         cells.append(c)
     nb.cells = cells
     body, _ = MarkdownExporter().from_notebook_node(nb)
-    return re.sub(r"\n{3,}", "\n\n", body).strip() + "\n"
+    return rebase_links(re.sub(r"\n{3,}", "\n\n", body).strip() + "\n")
 
 def render_readme(index: str | Path = "nbs/index.ipynb", out: str | Path = "README.md") -> bool:
     "Write the README; returns True when the file changed."

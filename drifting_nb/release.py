@@ -12,7 +12,7 @@ import torch
 # %% auto #0
 __all__ = ['HUB_REPO', 'RELEASED', 'RELEASE_VAE', 'read_msgpack', 'flatten', 'resolve_artifact', 'read_artifact',
            'generator_kwargs', 'generator_state_dict', 'load_state', 'load_generator', 'release_parity', 'ReleasedRun',
-           'load_release_run', 'init_from_release', 'load_mae']
+           'load_release_run', 'init_from_release', 'build_mae', 'load_mae']
 
 # %% ../nbs/12_release.ipynb #aad79ee3
 HUB_REPO = "Goodeat/drifting"
@@ -343,19 +343,25 @@ def _mae_config(mc: dict, where) -> dict:
                 patch=int(mc.get("input_patch_size", 1)), num_classes=int(mc.get("num_classes", 1000)),
                 mask_patch=int(mc.get("patch_size", 4)))
 
-# %% ../nbs/12_release.ipynb #ee28cc2d
+# %% ../nbs/12_release.ipynb #7467e2cc
+def build_mae(model_config: dict, decoder: bool = True, head: bool = True, where="model_config"):
+    """Our module for a release MAE `model_config`, randomly initialised: `MAE` (with the fc head when `head`) or,
+    with decoder=False, the bare `ResNetEncoder`. Unsupported options are errors naming them."""
+    cfg = _mae_config(model_config, where)
+    cfg.pop("mask_patch")                                   # the pretraining mask patch (release_config keeps it)
+    num_classes = cfg.pop("num_classes")
+    encoder = ResNetEncoder(**cfg)
+    return MAE(encoder, num_classes if head else 0) if decoder else encoder
+
 def load_mae(path_or_name, device=None, cache_dir=None):
     """A released MAE (artifact folder or name, e.g. 'mae_latent_640') with its weights: our `MAE` (encoder, decoder,
     fc head) when the artifact holds a decoder, else our `ResNetEncoder`; eval mode, frozen, on `device`.
     Its features: `mae_activations(model, x)`. `model.release_config` keeps the artifact's model_config."""
     meta, flat, folder = read_artifact(path_or_name, "mae", cache_dir)
     flat = {k[7:] if k.startswith("params/") else k: v for k, v in flat.items()}
-    cfg = _mae_config(meta["model_config"], folder / "metadata.json")
-    cfg.pop("mask_patch")                                   # the pretraining mask patch (release_config keeps it)
-    num_classes = cfg.pop("num_classes")
-    encoder = ResNetEncoder(**cfg)
-    model = encoder
-    if any(k.startswith("decoder/") for k in flat): model = MAE(encoder, num_classes if any(k.startswith("fc/") for k in flat) else 0)
+    model = build_mae(meta["model_config"], decoder=any(k.startswith("decoder/") for k in flat),
+                      head=any(k.startswith("fc/") for k in flat), where=folder / "metadata.json")
+    encoder = model if isinstance(model, ResNetEncoder) else model.encoder
     paths = _release_paths(model)
     missing, unexpected = [p for p in paths if p not in flat], [k for k in flat if k not in set(paths)]
     where = f"{folder} (model_config {meta['model_config']})"

@@ -114,15 +114,14 @@ def sample_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     "Entry point of `python -m drifting_nb.sample`."
-    p = sample_parser()
-    args = p.parse_args(argv)
+    args = sample_parser().parse_args(argv)
     out = Path(args.out)
-    if out.suffix.lower() not in (".npz", ".png"): p.error(f"--out must end in .npz or .png, got {out.name}")
-    if args.num_samples < 1: p.error(f"--num-samples must be positive, got {args.num_samples}")
+    if out.suffix.lower() not in (".npz", ".png"): raise SystemExit(f"--out must end in .npz or .png, got {out.name}")
+    if args.num_samples < 1: raise SystemExit(f"--num-samples must be positive, got {args.num_samples}")
     if out.suffix.lower() == ".png" and args.num_samples > MAX_GRID:
-        p.error(f"a PNG grid holds at most {MAX_GRID} samples, got --num-samples {args.num_samples}; write an .npz")
+        raise SystemExit(f"a PNG grid holds at most {MAX_GRID} samples, got --num-samples {args.num_samples}; write an .npz")
     try: check_alpha(args.alpha)
-    except ValueError as e: p.error(str(e))
+    except ValueError as e: raise SystemExit(str(e)) from None
     device = args.device or default_device()
     run = (load_run(args.run, ema=not args.no_ema, device=device, decay=args.ema_decay) if args.run
            else open_run(release=args.release, vae=args.vae, device=device))

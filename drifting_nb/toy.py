@@ -21,8 +21,8 @@ __all__ = ['bimodal', 'ring', 'TARGETS', 'FIELDS', 'SCHEDULES', 'TOY_PRESETS', '
            'moons', 'rings', 'ToyMLP', 'sample_toy', 'init_toy_output', 'ToyConfig', 'mmd_field', 'toy_field',
            'grid_field', 'energy_distance', 'noise_floor', 'evaluate_toy', 'mode_coverage', 'lr_factor', 'ToyHistory',
            'ToyTrainer', 'train_toy', 'plot_samples', 'arrow_reference', 'snapshot_arrows', 'plot_snapshot',
-           'plot_training', 'save_toy_checkpoint', 'load_toy_checkpoint', 'load_toy_model', 'toy_preset',
-           'parse_toy_overrides', 'run_toy_job']
+           'plot_training', 'save_toy_checkpoint', 'load_toy_checkpoint', 'load_toy_model', 'toy_animation',
+           'save_animation_html', 'toy_preset', 'parse_toy_overrides', 'run_toy_job']
 
 # %% ../nbs/01_toy.ipynb #b9391f9a
 def _check_n(n) -> int:
@@ -527,6 +527,83 @@ def load_toy_model(folder, ema: bool = True) -> ToyMLP:
                            if (k.startswith("ema.module.") if use_ema else not k.startswith("ema."))})
     return model.eval()
 
+# %% ../nbs/01_toy.ipynb #a1c0a002
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+def _arrow_segments(grid: np.ndarray, field: np.ndarray, head: float = 0.25):
+    "Line-segment coordinates (with None breaks) for arrows from grid [G,2] along field [G,2], with a small V head."
+    xs, ys = [], []
+    for (x0, y0), (u, v) in zip(grid, field):
+        x1, y1 = x0 + u, y0 + v
+        xs += [x0, x1, None]; ys += [y0, y1, None]
+        for s in (0.5, -0.5):                      # the two strokes of the head, rotated +-~27 degrees back
+            hx, hy = -u + s * v, -v - s * u
+            xs += [x1, x1 + head * hx, None]; ys += [y1, y1 + head * hy, None]
+    return xs, ys
+
+# %% ../nbs/01_toy.ipynb #a1c0a003
+def toy_animation(history: ToyHistory, arrows: bool = True, max_points: int = 1000, title: str | None = None) -> go.Figure:
+    """Plotly figure with one frame per snapshot of a ToyHistory: samples over data with the field as arrows (left),
+    the raw field's mean(V**2) on a log axis up to that step (right); Play/Pause buttons and a step slider."""
+    snaps = history.snapshots
+    if not snaps: raise ValueError("the history has no snapshots to animate")
+    data = history.data[:max_points].numpy()
+    grid = history.grid.numpy()
+    loss = np.asarray(history.drift, dtype=float)                  # the raw field's mean(V**2) per step
+    first = int(snaps[0]["step"])
+    steps = np.arange(first + 1, first + len(loss) + 1)
+    lim = float(np.abs(grid).max()) * 1.05
+    ref = arrow_reference(history)                                  # one arrow scale for every frame, computed once
+
+    def frame_traces(i, snap):
+        s = snap["samples"][:max_points].numpy()
+        ax, ay = _arrow_segments(grid, snapshot_arrows(history, i, ref=ref).numpy()) if arrows else ([], [])
+        k = int(snap["step"]) - first
+        return [go.Scatter(x=s[:, 0], y=s[:, 1]),
+                go.Scatter(x=ax, y=ay),
+                go.Scatter(x=steps[:k], y=loss[:k]),
+                go.Scatter(x=steps[k - 1:k] if k else [], y=loss[k - 1:k] if k else [])]
+
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.5, 0.5], horizontal_spacing=0.08,
+                        subplot_titles=("samples (orange), data (grey), field V", "mean V² of the field (log)"))
+    fig.add_trace(go.Scatter(x=data[:, 0], y=data[:, 1], mode="markers", name="data",
+                             marker=dict(size=3, color="rgb(190,190,190)")), 1, 1)
+    t0 = frame_traces(0, snaps[0])
+    fig.add_trace(go.Scatter(t0[0], mode="markers", name="generated", marker=dict(size=3, color="darkorange")), 1, 1)
+    fig.add_trace(go.Scatter(t0[1], mode="lines", name="field", line=dict(width=1, color="royalblue")), 1, 1)
+    fig.add_trace(go.Scatter(t0[2], mode="lines", name="loss", line=dict(width=1, color="black")), 1, 2)
+    fig.add_trace(go.Scatter(t0[3], mode="markers", name="now", marker=dict(size=8, color="darkorange")), 1, 2)
+    names = [str(int(s["step"])) for s in snaps]
+    fig.frames = [go.Frame(data=frame_traces(i, s), traces=[1, 2, 3, 4], name=n) for i, (s, n) in enumerate(zip(snaps, names))]
+    fig.update_xaxes(range=[-lim, lim], row=1, col=1, showticklabels=False, constrain="domain")
+    fig.update_yaxes(range=[-lim, lim], row=1, col=1, scaleanchor="x", scaleratio=1, showticklabels=False, constrain="domain")
+    pos = loss[loss > 0]
+    lo, hi = (np.log10(pos.min()) - 0.2, np.log10(pos.max()) + 0.2) if len(pos) else (-6, 0)
+    fig.update_xaxes(range=[0, max(int(steps[-1]) if len(steps) else 1, 1)], title_text="step", row=1, col=2)
+    fig.update_yaxes(type="log", range=[lo, hi], row=1, col=2)
+    play = dict(frame=dict(duration=120, redraw=True), transition=dict(duration=0), fromcurrent=True, mode="immediate")
+    fig.update_layout(
+        title=title, height=460, width=900, showlegend=False, template="plotly_white",
+        updatemenus=[dict(type="buttons", direction="left", x=0.0, y=-0.08, xanchor="left", yanchor="top",
+                          buttons=[dict(label="Play", method="animate", args=[None, play]),
+                                   dict(label="Pause", method="animate",
+                                        args=[[None], dict(frame=dict(duration=0, redraw=False), mode="immediate")])])],
+        sliders=[dict(active=0, x=0.12, len=0.88, y=-0.04, currentvalue=dict(prefix="step "),
+                      steps=[dict(label=n, method="animate",
+                                  args=[[n], dict(frame=dict(duration=0, redraw=True), mode="immediate")]) for n in names])])
+    return fig
+
+# %% ../nbs/01_toy.ipynb #a1c0a004
+def save_animation_html(fig_or_history, path, **kw) -> Path:
+    """Write a toy animation (a plotly Figure, or a ToyHistory to animate with `toy_animation(**kw)`) as one standalone
+    HTML file with plotly.js inside, so it opens in any browser with no server and no internet; returns the path."""
+    fig = fig_or_history if isinstance(fig_or_history, go.Figure) else toy_animation(fig_or_history, **kw)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.write_html(str(path), include_plotlyjs=True, full_html=True, auto_play=False, div_id="toy-animation")
+    return path
+
 # %% ../nbs/01_toy.ipynb #3ab83ba2
 _FAST = dict(steps=1500, lr=1e-2, warmup=20, schedule="cosine", n_pos=1024, n_neg=1024, taus=(0.02, 0.05, 0.2),
              drift_norm=True, eval_every=100, snapshot_every=25)
@@ -586,7 +663,6 @@ def run_toy_job(preset: str = "checkerboard", output_dir="drifting_runs/toy", *,
 def _toy_job(preset, output_dir, max_steps, seed, overrides, resume, accelerator, log_every, checkpoint_every):
     from accelerate import Accelerator
     import matplotlib.pyplot as plt
-    from drifting_nb.widgets import save_animation_html      # (widgets imports this module, so not at the top)
     t_start = time.perf_counter()
     target, cfg = toy_preset(preset)
     cfg = cfg.update(seed=seed, **parse_toy_overrides(overrides))   # unknown keys: ValueError

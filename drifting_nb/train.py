@@ -59,6 +59,7 @@ class TrainConfig:
     Nneg: int = 32
     Nunc: int = 8
     taus: tuple = (0.02, 0.05, 0.2)
+    min_affinity: float = 1e-3         # floor of the kernel affinity: the release's 1e-3 (its product floor 1e-6)
     alpha_k: float = 3.0
     alpha_p_one: float = 0.0
     alpha_max: float = 4.0
@@ -117,6 +118,7 @@ _RULES = {**{k: _whole(1) for k in ("Nc", "Npos", "Nneg", "max_steps", "log_ever
           "weight_decay": _number(lambda v: v >= 0, "a finite number >= 0"),
           "beta1": _number(lambda v: 0 <= v < 1, "a number in [0, 1)"), "beta2": _number(lambda v: 0 <= v < 1, "a number in [0, 1)"),
           "grad_clip": _number(lambda v: v > 0, "a finite number > 0"),
+          "min_affinity": _number(lambda v: 0 <= v < 1, "a finite number in [0, 1)"),
           "alpha_k": _number(lambda v: v >= 0, "a finite number >= 0"),
           "alpha_p_one": _number(lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
           "alpha_max": _number(lambda v: v >= 1, "a finite CFG scale >= 1"),
@@ -177,6 +179,7 @@ PRESETS: dict[str, dict] = {
     # the default: the whole recipe in miniature on scikit-learn's digits (CPU, minutes)
     "digits": dict(generator_kw=dict(patch_size=2, hidden_size=96, depth=4, num_heads=4, num_incontext_tokens=4),
                    mae_preset="digits", Nc=10, Npos=32, Nneg=24, Nunc=8, lr=1e-3,
+                   min_affinity=1e-6,   # not the release's 1e-3: on small problems it pulls to the class mean (notebook 08)
                    warmup_steps=100, max_steps=800, sample_every=200, ckpt_every=200, log_every=10,
                    ema_decays=(0.99, 0.995), eval_every=200, eval_samples=1000),
     # tiny presets for tests: a generated ImageFolder, in pixel and latent space
@@ -366,10 +369,7 @@ def build_phi(cfg: TrainConfig, device, vae=None):
     if cfg.extra_encoder:
         kind, _, where = cfg.extra_encoder.partition(":")
         if kind != "convnextv2": raise ValueError(f"extra_encoder must look like 'convnextv2:NAME_OR_PATH', got {cfg.extra_encoder!r}")
-        is_file = Path(where).is_file()
-        cnx = Fx.convnextv2_encoder(checkpoint=where if is_file else None, pretrained=not is_file,
-                                    **({} if is_file else {"name": where})).to(device).requires_grad_(False).eval()
-        pix = functools.partial(Fx.extract_features, cnx, feature_set=cfg.feature_set, include_global=False)
+        pix = Fx.convnextv2_features(where or Fx.CONVNEXTV2_CHECKPOINT).to(device)   # the release's 13 terms (hub id or folder)
         if vae is not None: pix = Fx.with_vae_decoder(pix, vae.vae.to(device), vae.scaling_factor)
         phi = Fx.merge_feature_fns({"mae": phi, "convnext": pix})
     return phi
@@ -504,7 +504,8 @@ def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None) -> dict:
                     x = model(noise, labels.repeat_interleave(cfg.Nneg), alpha.repeat_interleave(cfg.Nneg), style)
                     # the encoder is frozen and in eval mode: the real samples' features need no graph (joint=False)
                     loss, info = multi_feature_drifting_loss(phi, x.float().view(m_micro, cfg.Nneg, *S), pos, unc, w,
-                                                             joint=False, taus=cfg.taus, global_batch=world > 1)
+                                                             joint=False, taus=cfg.taus, global_batch=world > 1,
+                                                             min_affinity=cfg.min_affinity)
                 if fault_hook is not None: loss = fault_hook(step + 1, loss)
                 bad = accelerator.reduce(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device), "sum")
                 if bad.item() > 0:

@@ -107,6 +107,7 @@ def tree(tmp_path):
 
 def test_latent_cache_writes_resumes_and_reads_back(tree):
     tmp, kw = tree
+    kw = {**kw, "sample": False}                                        # posterior means: comparable with vae.encode
     s = cache_latents(tmp/"imgs", tmp/"cache", **kw)
     assert (s["num_shards"], s["written"]) == (4, 4)
     assert sorted(p.name for p in (tmp/"cache").iterdir()) == ["index.json"] + [shard_name(k) for k in range(4)]
@@ -126,6 +127,23 @@ def test_latent_cache_writes_resumes_and_reads_back(tree):
     assert len(LatentDataset(tmp/"cache", flips=False)) == 15
     z, y = next(iter(DataLoader(ds, batch_size=30, num_workers=2)))
     assert z.shape == (30, 4, 4, 4) and y.tolist() == ds.labels.tolist() * 2
+
+
+def test_latent_cache_stores_posterior_samples_as_released(tree):
+    "By default each image and its mirror image are stored as one sample of the VAE posterior (the release's cache)."
+    tmp, kw = tree
+    cache_latents(tmp/"imgs", tmp/"cache", **kw)
+    ds = LatentDataset(tmp/"cache")
+    assert ds.meta["sample"] is True
+    vae = SDVAE.from_pretrained(tmp/"vae")
+    x = image_folder(tmp/"imgs", size=32)[6][0][None]
+    with torch.no_grad(): post = vae.vae.encode(x).latent_dist
+    z = (ds[6][0] / vae.scaling_factor - post.mean[0]) / post.std[0]   # standardised draw
+    assert 0.5 < z.std() < 1.5 and z.abs().max() < 6 and not torch.allclose(ds[6][0], post.mean[0] * vae.scaling_factor, atol=1e-3)
+    first = ds[6][0].clone()
+    (tmp/"cache"/shard_name(1)).unlink()                                # a rewritten shard draws the same sample
+    cache_latents(tmp/"imgs", tmp/"cache", **kw)
+    assert torch.equal(LatentDataset(tmp/"cache")[6][0], first)
 
 
 def test_latent_cache_refuses_mismatch_and_reports_damage(tree):

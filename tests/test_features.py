@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from drifting_nb.features import (build_encoder, extract_features, map_stats, multi_feature_drifting_loss,
-                                  load_resnet50, convnextv2_encoder, with_vae_decoder, merge_feature_fns,
+                                  load_resnet50, with_vae_decoder, merge_feature_fns,
                                   save_encoder, load_encoder, TorchvisionResNetFeatures)
 
 MAPS = ["conv1", "layer1", "layer2", "layer3", "layer4", "layer1_blk2", "layer2_blk2", "layer2_blk4", "layer3_blk2",
@@ -226,18 +226,6 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
         load_resnet50(tmp_path / "junk.pth")
     with pytest.raises(FileNotFoundError, match="not found"):
         load_resnet50(tmp_path / "missing.pth")
-
-
-def test_convnextv2_features(tmp_path):
-    pytest.importorskip("timm")
-    enc = convnextv2_encoder("convnextv2_atto").requires_grad_(False)
-    with torch.no_grad(): f = extract_features(enc, torch.rand(1, 3, 64, 64) * 2 - 1, include_global=False)
-    assert f["s1b2"].shape == (1, 16 * 16, 40) and f["s4b2_mean"].shape == (1, 1, 320)
-    torch.save(enc.model.state_dict(), tmp_path / "cnx.pth")
-    again = convnextv2_encoder("convnextv2_atto", checkpoint=tmp_path / "cnx.pth")
-    assert torch.equal(again.model.stages[3].blocks[1].mlp.fc1.weight, enc.model.stages[3].blocks[1].mlp.fc1.weight)
-    with pytest.raises(ValueError, match="does not fit"):
-        convnextv2_encoder("convnextv2_pico", checkpoint=tmp_path / "cnx.pth")
 
 
 def _tiny_vae():

@@ -108,3 +108,31 @@ def test_decoder_and_head_load(tmp_path):
     assert not any(p.requires_grad for p in back.parameters())
     with torch.no_grad():
         assert list(mae_activations(back, x)) == list(mae_activations(mine.encoder, x))
+
+
+def test_training_runs_on_a_released_encoder(tmp_path):
+    "--encoder-path with a release artifact folder: the run's phi is 'global' + the release's activation dict."
+    from drifting_nb.data import make_fake_imagefolder
+    from drifting_nb.train import get_config, train, build_phi, parse_args, resolve_config
+    make_fake_imagefolder(tmp_path / "imgs" / "train", num_classes=3, per_class=4, size=(20, 20))
+    art = str(FIXTURES / "mae_pixel")                              # 3 channels, input patch 4: 16x16 images -> 4x4
+    preset, over, _ = parse_args(["--preset", "tiny-pixel", "--encoder-path", art, "--data-dir", str(tmp_path / "imgs"),
+                                  "--output-dir", str(tmp_path / "run"), "--max-steps", "2"])
+    cfg = resolve_config(preset, over)
+    phi = build_phi(cfg, "cpu")
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad(): f, ref = phi(x), mae_activations(load_mae(art), x)
+    assert list(f) == ["global"] + list(ref)
+    summary = train(cfg)
+    assert not (tmp_path / "run" / "encoder").exists()             # nothing pretrained: the released encoder is used
+    assert summary is not None
+
+
+def test_parameter_counts_equal_the_releases():
+    "The released MAE configs built here (meta device) have the parameter counts the release's code computes."
+    from drifting_nb.release import build_mae
+    counts = json.loads((FIXTURES / "mae_param_counts.json").read_text())
+    for name, mc in counts["configs"].items():
+        with torch.device("meta"): m = build_mae(mc)
+        ours = {"encoder": m.encoder, "decoder": m.decoder, "fc": m.head}
+        assert {k: sum(p.numel() for p in v.parameters()) for k, v in ours.items()} == counts["counts"][name], name

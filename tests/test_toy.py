@@ -1,5 +1,8 @@
-"""Behaviour of the 2D course (drifting_nb.toy): targets, training on any sampler, measures, checkpoints, the job."""
-import json
+"""Behaviour of the 2D course (drifting_nb.toy): targets, training on any sampler, measures, checkpoints, the job,
+the plotly animation and its standalone HTML (opened in headless Chromium when available)."""
+import json, re, shutil, subprocess, sys, tempfile
+
+import numpy as np
 
 import pytest
 import torch
@@ -7,7 +10,7 @@ import torch
 from drifting_nb.toy import (TARGETS, TOY_PRESETS, GaussianMixture, ToyConfig, ToyTrainer, bimodal, checkerboard,
                              energy_distance, evaluate_toy, load_toy_checkpoint, load_toy_model, mode_coverage,
                              noise_floor, parse_toy_overrides, ring, run_toy_job, sample_toy, save_toy_checkpoint,
-                             toy_field, train_toy)
+                             toy_field, train_toy, toy_animation, save_animation_html)
 
 torch.set_num_threads(1)   # small tensors: one thread is as fast, and never fights parallel test workers for cores
 TINY = dict(n_pos=64, n_neg=64, hidden=32, snapshot_every=5, n_snapshot=64, grid=4)
@@ -171,3 +174,78 @@ def test_command_line_toy_preset_parses_its_options(tmp_path):
     assert (cfg["n_pos"], cfg["hidden"], cfg["taus"], cfg["drift_norm"]) == (32, 16, [0.05, 0.2], False)
     with pytest.raises(ValueError, match="not a valid int"):
         main(["--preset", "swiss-roll", "--output-dir", str(tmp_path / "b"), "--n_pos", "many"])
+
+
+@pytest.fixture(scope="module")
+def history():
+    _, h = train_toy("ring", 30, n_pos=64, n_neg=64, hidden=32, snapshot_every=10, n_snapshot=200, grid=8)
+    return h
+
+
+def test_animation_has_one_frame_per_snapshot(history):
+    fig = toy_animation(history)
+    assert len(fig.frames) == len(history.snapshots) == 4
+    assert [s.label for s in fig.layout.sliders[0].steps] == ["0", "10", "20", "30"]
+    last = fig.frames[-1].data
+    np.testing.assert_allclose(np.asarray(last[0].x), history.snapshots[-1]["samples"][:, 0].numpy())
+    assert len(last[2].x) == 30                                  # the loss curve is filled in up to that step
+    assert {b.label for b in fig.layout.updatemenus[0].buttons} == {"Play", "Pause"}
+
+
+def test_animation_needs_snapshots(history):
+    empty = type(history)(config={}, data=history.data)
+    with pytest.raises(ValueError, match="no snapshots"):
+        toy_animation(empty)
+
+
+def test_html_file_is_standalone(history, tmp_path):
+    path = save_animation_html(history, tmp_path / "sub" / "anim.html")
+    html = path.read_text()
+    assert re.search(r"<script[^>]*\bsrc=", html) is None, "the page loads a script from elsewhere"
+    assert len(html) > 1_000_000, "plotly.js is not inside the file"
+    assert len(_frames_in_html(html)) == len(history.snapshots)
+
+
+def _frames_in_html(html):
+    "The frames list of the figure JSON that plotly writes into the page."
+    m = re.search(r"Plotly\.addFrames\(\s*['\"][^'\"]+['\"],\s*(\[.*?\])\s*\)", html, re.S)
+    assert m, "no Plotly.addFrames call in the page"
+    return json.loads(m.group(1))
+
+
+def _chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--virtual-time-budget=8000", "--window-size=1000,560"]
+
+
+@pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (apt-get install chromium; .ci/run does)")
+def test_html_draws_in_a_browser(history, tmp_path):
+    from PIL import Image
+    path = save_animation_html(history, tmp_path / "anim.html")
+    profile = tempfile.mkdtemp()
+    try:
+        shot = tmp_path / "shot.png"
+        subprocess.run([_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--screenshot={shot}",
+                        path.as_uri()], check=True, capture_output=True, timeout=120)
+        dom = subprocess.run([_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", path.as_uri()],
+                             check=True, capture_output=True, timeout=120, text=True).stdout
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+    img = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    r, g, b = img[..., 0], img[..., 1], img[..., 2]
+    assert (img.sum(-1) < 700).mean() > 0.01, "the page is blank"
+    assert ((r > 200) & (g > 100) & (g < 180) & (b < 80)).sum() > 50, "no orange samples drawn"
+    assert ((b > 150) & (r < 120)).sum() > 50, "no blue field arrows drawn"
+    assert 'class="main-svg"' in dom                            # plotly rendered its SVG
+    assert dom.count('class="slider-label-group"') == len(history.snapshots)   # one slider stop per frame
+
+
+def test_toy_does_not_import_the_interactive_layer():
+    "toy (floor 3) writes the job's animation itself: importing it and running its job never loads widgets (floor 4)."
+    code = ("import sys, drifting_nb.toy as t; assert 'drifting_nb.widgets' not in sys.modules, 'toy imported widgets'; "
+            "import inspect; assert 'drifting_nb.widgets' not in inspect.getsource(t)")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)

@@ -33,6 +33,11 @@ MAES = {   # (model_config, input HWC)
                        input_patch_size=4), (32, 32, 3)),
 }
 ACT_KW = dict(patch_mean_size=[2, 4], patch_std_size=[2, 4], use_std=True, use_mean=True, every_k_block=2)
+RELEASED_MAES = {   # the released MAE configs (configs/mae/*.yaml): parameter counts only, from shapes (nothing allocated)
+    "mae_latent_256": dict(num_classes=1000, in_channels=4, base_channels=256, patch_size=2, layers=[3, 4, 6, 3], input_patch_size=1),
+    "mae_latent_640": dict(num_classes=1000, in_channels=4, base_channels=640, patch_size=2, layers=[3, 4, 6, 3], input_patch_size=1),
+    "mae_pixel_640": dict(num_classes=1000, in_channels=3, base_channels=640, patch_size=2, layers=[3, 4, 6, 3], input_patch_size=8),
+}
 
 
 def perturb(tree, rng, std=0.05):
@@ -47,6 +52,20 @@ def write_artifact(out: Path, model_config: dict, params, extra=None):
     meta = dict(model_config=model_config, **(extra or {}))
     (out / "metadata.json").write_text(json.dumps(meta, indent=1))
     (out / "ema_params.msgpack").write_bytes(serialization.msgpack_serialize(params))
+
+
+def mae_param_counts(out: Path):
+    "Parameter counts of the released MAE configs per subtree (encoder, decoder, fc), from jax.eval_shape."
+    import jax
+    from models.mae_model import MAEResNetJAX
+    counts = {}
+    for name, cfg in RELEASED_MAES.items():
+        model = MAEResNetJAX(**cfg)
+        rngs = {k: jax.random.PRNGKey(i) for i, k in enumerate(("params", "masking", "dropout"))}
+        shapes = jax.eval_shape(lambda: model.init(rngs, **model.dummy_input()))["params"]
+        counts[name] = {k: sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(v)) for k, v in shapes.items()}
+    (out / "mae_param_counts.json").write_text(json.dumps(dict(configs=RELEASED_MAES, counts=counts), indent=1))
+    print("mae param counts", counts)
 
 
 def main(release: str, out: str):
@@ -83,6 +102,7 @@ def main(release: str, out: str):
         write_artifact(out / name, cfg, params)
         np.savez(out / name / "io.npz", x=x, keys=np.array(list(feats)), **{f"act/{k}": np.asarray(v, np.float32) for k, v in feats.items()})
         print(name, len(feats), "keys", list(feats)[:6], "...")
+    mae_param_counts(out)
 
 
 def param_counts(release: str, out: str):
