@@ -63,7 +63,6 @@ class MAEConfig:
     log_with: str = "tensorboard"         # "tensorboard" | "none"
     cpu_threads: int = 0                  # torch threads per process on CPU; 0: the machine's cores over its processes
 
-
 # %% ../nbs/04b_train_mae.ipynb #e80d8115
 PRESETS = {   # the release's configs/mae: latent_ablation_256, latent_640, pixel_640
     "latent-256": dict(kind="latent", width=256, in_channels=4, patch=1, steps=30_000, ft_steps=0),
@@ -149,7 +148,6 @@ def lr_at(step: int, cfg: MAEConfig) -> float:
     if cfg.schedule == "constant": return cfg.lr
     t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
-
 
 # %% ../nbs/04b_train_mae.ipynb #cc390474
 def _checkpoints(output_dir: Path) -> list[Path]:
