@@ -172,7 +172,7 @@ PRESETS: dict[str, dict] = {
                                Nc=128, Npos=128, queue_push_global=128 * 32, ema_decays=_EMAS),
     # between digits and ImageNet: one GPU
     "cifar10": dict(dataset="cifar10", image_size=32, channels=3, num_classes=10, generator="S/2", mae_preset="latent-256",
-                    mae_overrides=dict(dataset="cifar10", in_channels=3, width=64, steps=3000, batch_size=512,
+                    mae_overrides=dict(dataset="cifar10", in_channels=3, width=64, steps=3300, batch_size=512,
                                        warmup_steps=300, num_classes=10, ft_steps=300, ft_ramp_steps=100, num_workers=4),
                     Nc=10, Npos=64, Nneg=64, Nunc=16, lr=2e-4, warmup_steps=1000,
                     max_steps=50_000, sample_every=1000, ckpt_every=2000, log_every=20, ema_decays=(0.999, 0.9999)),

@@ -21,7 +21,7 @@ __all__ = ['PRESETS', 'MAEConfig', 'make_config', 'RandomFields', 'make_dataset'
 # %% ../nbs/04b_train_mae.ipynb #be1eba1a
 @dataclass
 class MAEConfig:
-    "Every hyper-parameter of an MAE pretraining run (A.3, A.4)."
+    "Every hyper-parameter of an MAE pretraining run (A.3, A.4); the defaults are the release's (latent-256)."
     # encoder (A.3)
     kind: str = "latent"                  # "latent" (SD-VAE latents) | "pixel" (images, patchified 8x8)
     width: int = 256                      # C: stage widths C, 2C, 4C, 8C
@@ -32,29 +32,29 @@ class MAEConfig:
     dataset: str = "imagefolder"          # imagefolder | latents | digits | cifar10 | random | "module:function"
     image_size: int = 256                 # images (pixel input, or the VAE's input for latent MAEs)
     resolution: int = 0                   # tensor data sets: crop output size (0: the samples' own)
-    vae: str = "stabilityai/sd-vae-ft-mse"   # hub id or local folder, to encode images for a latent MAE (the release's)
-    crop_scale: tuple = (0.2, 1.0)        # random-resized-crop area range (ours)
+    vae: str = "stabilityai/sd-vae-ft-mse"   # hub id or local folder, to encode images for a latent MAE
+    crop_scale: tuple = (0.2, 1.0)        # random-resized-crop area range
     hflip: bool = True
     num_workers: int = 8
     # optimisation
     batch_size: int = 8192                # global batch (all processes, all accumulation steps)
     grad_accum: int = 1
     lr: float = 4e-3
-    weight_decay: float = 0.05            # ours
-    betas: tuple = (0.9, 0.95)            # ours
-    warmup_steps: int = 1500              # ours
-    schedule: str = "cosine"              # "cosine" | "constant" after warmup (ours)
-    epochs: float = 192.0                 # pretraining length, when steps == 0
-    steps: int = 0                        # pretraining steps (0: from epochs and the data set size)
+    weight_decay: float = 0.01            # AdamW's, on every parameter
+    betas: tuple = (0.9, 0.95)
+    grad_clip: float = 2.0                # global gradient norm (0: no clipping)
+    warmup_steps: int = 4000              # linear from 1e-6 to lr
+    schedule: str = "constant"            # after warmup: "constant" | "cosine" (to 0 at `steps`; small presets)
+    steps: int = 30_000                   # every update, the fine-tune's included
     ema_decay: float = 0.9995
     mask_prob: float = 0.5
-    mask_patch: int = 2
-    # classification fine-tune (A.4), after pretraining
+    mask_patch: int = 2                   # masked blocks of mask_patch x mask_patch cells of the encoder's grid
+    # classification fine-tune (A.4): the last ft_steps of `steps`
     num_classes: int = 1000
-    ft_steps: int = 0                     # 3000 in the paper; 0 = no fine-tune
-    ft_ramp_steps: int = 1000
+    ft_steps: int = 0                     # 0: none (latent-256); 3000 for the 640 encoders
+    ft_ramp_steps: int = 1000             # lam: 0 -> ft_lambda over these
     ft_lambda: float = 0.1
-    ft_lr: float = 4e-4                   # ours
+    ft_lr: float = 0.0                    # 0: the schedule's lr (the release); else the fine-tune's own
     # system
     mixed_precision: str = "auto"         # "auto" (bf16 on a GPU that has it, else no) | "no" | "bf16" | "fp16"
     log_every: int = 50
@@ -64,16 +64,16 @@ class MAEConfig:
     cpu_threads: int = 0                  # torch threads per process on CPU; 0: the machine's cores over its processes
 
 # %% ../nbs/04b_train_mae.ipynb #e80d8115
-PRESETS = {
-    "latent-256": dict(kind="latent", width=256, epochs=192, warmup_steps=1500),
-    "latent-640": dict(kind="latent", width=640, epochs=1280, warmup_steps=10000, ft_steps=3000),
-    "pixel-640": dict(kind="pixel", width=640, epochs=1280, warmup_steps=10000, ft_steps=3000),
+PRESETS = {   # the release's configs/mae: latent_ablation_256, latent_640, pixel_640
+    "latent-256": dict(kind="latent", width=256, in_channels=4, patch=1, steps=30_000, ft_steps=0),
+    "latent-640": dict(kind="latent", width=640, in_channels=4, patch=1, steps=200_000, ft_steps=3000),
+    "pixel-640": dict(kind="pixel", width=640, in_channels=3, patch=8, steps=200_000, ft_steps=3000),
     "digits": dict(kind="latent", in_channels=1, width=16, dataset="digits", crop_scale=(0.5, 1.0), hflip=False,
-                   batch_size=128, steps=400, warmup_steps=40, ema_decay=0.99, num_classes=10, ft_steps=100,
-                   ft_ramp_steps=35, num_workers=0, mixed_precision="no", log_every=25, save_every=250,
-                   log_with="none"),
+                   batch_size=128, steps=500, warmup_steps=40, schedule="cosine", ema_decay=0.99, num_classes=10,
+                   ft_steps=100, ft_ramp_steps=35, ft_lr=4e-4, num_workers=0, mixed_precision="no", log_every=25,
+                   save_every=250, log_with="none"),
     "tiny": dict(kind="latent", width=8, blocks=(1, 1, 1, 1), dataset="random", resolution=16, batch_size=16,
-                 steps=20, warmup_steps=2, ema_decay=0.9, num_classes=4, ft_steps=6, ft_ramp_steps=2, num_workers=0,
+                 steps=26, warmup_steps=2, ema_decay=0.9, num_classes=4, ft_steps=6, ft_ramp_steps=2, num_workers=0,
                  mixed_precision="no", log_every=2, save_every=10, log_with="none"),
 }
 
@@ -139,21 +139,17 @@ def make_dataset(cfg: MAEConfig, data_dir=None, seed: int = 0) -> Dataset:
     return CropDataset(base, size, **crop)
 
 # %% ../nbs/04b_train_mae.ipynb #bc9673a0
-def lr_at(step: int, cfg: MAEConfig, pretrain_steps: int) -> float:
-    "Learning rate of optimiser step `step` (0-based)."
-    if step >= pretrain_steps: return cfg.ft_lr
-    if step < cfg.warmup_steps: return cfg.lr * (step + 1) / cfg.warmup_steps
+def lr_at(step: int, cfg: MAEConfig) -> float:
+    "Learning rate of update `step` (0-based) of a run of cfg.steps updates."
+    if cfg.schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule must be 'constant' or 'cosine', got {cfg.schedule!r}")
+    if cfg.ft_lr and step >= cfg.steps - cfg.ft_steps: return cfg.ft_lr
+    if step < cfg.warmup_steps: return 1e-6 + (cfg.lr - 1e-6) * step / cfg.warmup_steps
     if cfg.schedule == "constant": return cfg.lr
-    if cfg.schedule != "cosine": raise ValueError(f"schedule must be 'cosine' or 'constant', got {cfg.schedule!r}")
-    t = (step - cfg.warmup_steps) / max(1, pretrain_steps - cfg.warmup_steps)
+    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
 
 # %% ../nbs/04b_train_mae.ipynb #cc390474
-def _param_groups(model, weight_decay):
-    decay = [p for p in model.parameters() if p.ndim >= 2]             # conv and linear weights
-    rest = [p for p in model.parameters() if p.ndim < 2]               # GroupNorm and biases
-    return [dict(params=decay, weight_decay=weight_decay), dict(params=rest, weight_decay=0.0)]
-
 def _checkpoints(output_dir: Path) -> list[Path]:
     return sorted((output_dir / "checkpoints").glob("step_*[0-9]"))
 
@@ -161,7 +157,7 @@ _ARCH_KEYS = ("kind", "width", "blocks", "in_channels", "patch", "num_classes", 
 
 def train_mae(cfg: MAEConfig, output_dir, data_dir=None, max_steps: int | None = None, seed: int = 0,
               resume: bool = False, preset: str = "", progress: bool = True) -> dict:
-    """Pretrain a ResNet encoder as an MAE (A.3), then optionally fine-tune with the class head (A.4).
+    """Pretrain a ResNet encoder as an MAE (A.3) for cfg.steps updates, the last cfg.ft_steps with the class head (A.4).
     Returns {"step", "history" (logged metrics), "encoder" (folder of the saved EMA encoder)}.
     Torch runs on cfg.cpu_threads threads meanwhile (`drifting_nb.runtime.cpu_threads`), and the main process holds
     the lock of `output_dir` (`RunLock`): a second process on the same folder is refused, naming the first."""
@@ -187,13 +183,15 @@ def _train_mae(cfg: MAEConfig, output_dir, data_dir=None, max_steps: int | None 
     if micro < 1 or micro * acc.num_processes * cfg.grad_accum != cfg.batch_size:
         raise ValueError(f"batch_size {cfg.batch_size} does not split into {acc.num_processes} processes x "
                          f"{cfg.grad_accum} accumulation steps")
+    if not 0 <= cfg.ft_steps <= cfg.steps:
+        raise ValueError(f"ft_steps ({cfg.ft_steps}) must lie between 0 and steps ({cfg.steps}): the fine-tune is the "
+                         "last ft_steps of the run")
     # data
     dataset = make_dataset(cfg, data_dir, seed)
     loader = InfiniteLoader(dataset, micro, seed=seed, rank=acc.process_index, world_size=acc.num_processes,
                             num_workers=cfg.num_workers, pin_memory=acc.device.type == "cuda")
-    pretrain_steps = cfg.steps or math.ceil(cfg.epochs * len(dataset) / cfg.batch_size)
-    total = pretrain_steps + cfg.ft_steps
-    if max_steps is not None: total = min(total, max_steps)
+    ft_start = cfg.steps - cfg.ft_steps
+    total = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
     # model
     encoder = build_encoder(cfg.kind, cfg.width, cfg.in_channels or None, cfg.patch or None, cfg.blocks)
     x0 = dataset[0][0]
@@ -205,7 +203,7 @@ def _train_mae(cfg: MAEConfig, output_dir, data_dir=None, max_steps: int | None 
         vae = SDVAE.from_pretrained(cfg.vae).to(acc.device)              # images -> latents, frozen
     model = MAE(encoder, cfg.num_classes if cfg.ft_steps else 0)
     ema = AveragedModel(encoder, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     model, opt = acc.prepare(model, opt)
     ema.to(acc.device)
     # resume
@@ -225,13 +223,13 @@ def _train_mae(cfg: MAEConfig, output_dir, data_dir=None, max_steps: int | None 
         if metrics_file.exists(): metrics_file.unlink()
     if cfg.log_with != "none": acc.init_trackers("mae", config={k: str(v) for k, v in asdict(cfg).items()})
     acc.print(f"MAE {cfg.kind}-{cfg.width}: {sum(p.numel() for p in encoder.parameters()) / 1e6:.2f}M encoder "
-              f"parameters, {len(dataset)} samples, {pretrain_steps} pretraining + {cfg.ft_steps} fine-tune steps, "
+              f"parameters, {len(dataset)} samples, {cfg.steps} steps (the last {cfg.ft_steps} fine-tuning), "
               f"batch {cfg.batch_size} = {acc.num_processes} processes x {cfg.grad_accum} x {micro}")
     history, t0, seen = [], time.time(), 0
     bar = tqdm(total=total, initial=step, disable=not (progress and acc.is_main_process), desc="mae")
     while step < total:
-        lam = cls_lambda(step - pretrain_steps, cfg.ft_ramp_steps, cfg.ft_lambda) if step >= pretrain_steps else 0.0
-        for group in opt.param_groups: group["lr"] = lr_at(step, cfg, pretrain_steps)
+        lam = cls_lambda(step - ft_start, cfg.ft_ramp_steps, cfg.ft_lambda) if cfg.ft_steps else 0.0
+        for group in opt.param_groups: group["lr"] = lr_at(step, cfg)
         for _ in range(cfg.grad_accum):
             x, y = next(loader)
             x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
@@ -243,6 +241,8 @@ def _train_mae(cfg: MAEConfig, output_dir, data_dir=None, max_steps: int | None 
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss.item()} at step {step}; last checkpoint kept")
                 acc.backward(loss)
+                if acc.sync_gradients:                                   # global norm before clipping, logged
+                    grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
                 opt.step(); opt.zero_grad(set_to_none=True)
             seen += x.shape[0]
         ema.update_parameters(acc.unwrap_model(model).encoder)
@@ -251,7 +251,7 @@ def _train_mae(cfg: MAEConfig, output_dir, data_dir=None, max_steps: int | None 
         if step % cfg.log_every == 0 or step == total:
             vals = {k: acc.reduce(v.detach().float(), "mean").item() for k, v in info.items()}
             row = dict(step=step, loss=acc.reduce(loss.detach().float(), "mean").item(), **vals, lam=lam,
-                       lr=opt.param_groups[0]["lr"], samples_per_s=seen * acc.num_processes / (time.time() - t0))
+                       lr=opt.param_groups[0]["lr"], grad_norm=grad_norm.item(), samples_per_s=seen * acc.num_processes / (time.time() - t0))
             history.append(row)
             bar.set_postfix(recon=f"{row['recon']:.4f}")
             if acc.is_main_process:

@@ -1,5 +1,6 @@
 """MAE pretraining of the feature encoder (SPEC 6, A.3/A.4; nbs/04_mae.ipynb, nbs/04b_train_mae.ipynb)."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,9 +68,6 @@ def test_cls_finetune_lambda_and_loss():
 
 
 def test_presets_and_overrides():
-    for name, width, ft in (("latent-256", 256, 0), ("latent-640", 640, 3000), ("pixel-640", 640, 3000)):
-        c = make_config(name)
-        assert (c.width, c.ft_steps, c.batch_size, c.lr, c.ema_decay, c.mask_prob) == (width, ft, 8192, 4e-3, 0.9995, 0.5)
     assert make_config("pixel-640").kind == "pixel"
     preset, cfg, args = parse_args(["--preset", "tiny", "--max-steps", "3", "width=12", "blocks=1,2,1,1"])
     assert (preset, cfg.width, cfg.blocks, args.max_steps) == ("tiny", 12, (1, 2, 1, 1), 3)
@@ -81,11 +79,89 @@ def test_presets_and_overrides():
         make_config("tiny", {"depth": "3"})
 
 
-def test_lr_schedule():
-    c = make_config("tiny", {"warmup_steps": 4, "lr": 1.0, "ft_lr": 0.1})
-    lrs = [lr_at(s, c, 20) for s in range(25)]
-    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0] and lrs[19] < 0.01 and lrs[20:] == [0.1] * 5
-    assert all(a >= b for a, b in zip(lrs[3:20], lrs[4:20]))
+RELEASE = json.loads((Path(__file__).parent / "fixtures" / "release" / "configs.json").read_text())
+
+
+@pytest.mark.parametrize("preset,name", [("latent-256", "mae/latent_ablation_256"), ("latent-640", "mae/latent_640"),
+                                         ("pixel-640", "mae/pixel_640")])
+def test_imagenet_presets_are_the_released_configs(preset, name):
+    rel, c = RELEASE[name], make_config(preset)
+    model, opt, train, data = rel["model"], rel["optimizer"], rel["train"], rel["dataset"]
+    sched = opt["lr_schedule"]
+    assert (c.width, c.blocks, c.in_channels, c.patch, c.mask_patch) == (
+        model["base_channels"], tuple(model["layers"]), model["in_channels"], model["input_patch_size"], model["patch_size"])
+    assert (c.steps, c.warmup_steps, c.lr, c.schedule) == (train["total_steps"], sched["warmup_steps"],
+                                                           sched["learning_rate"], {"const": "constant"}[sched["lr_schedule"]])
+    assert (c.weight_decay, c.betas, c.ema_decay) == (opt["weight_decay"], (opt["adam_b1"], opt["adam_b2"]), train["ema_decay"])
+    fwd = train["forward_dict"]
+    assert c.mask_prob == fwd["mask_ratio_min"] == fwd["mask_ratio_max"] and fwd["lambda_cls"] == 0.0
+    assert (c.ft_steps, c.ft_ramp_steps, c.ft_lambda, c.ft_lr) == (train["finetune_last_steps"], train["warmup_finetune"],
+                                                                   train["finetune_cls"], 0.0)   # 0: the same lr
+    assert c.grad_clip == 2.0                                        # the release trainer's max_grad_norm
+    assert (c.batch_size, c.num_classes, c.image_size, c.kind) == (
+        data["batch_size"], data["num_classes"], data["resolution"], "latent" if data["use_latent"] else "pixel")
+    assert data["use_aug"] and (c.crop_scale, c.hflip, c.dataset) == ((0.2, 1.0), True, "imagefolder")
+    assert c.vae == "stabilityai/sd-vae-ft-mse"
+
+
+def _rows(run):
+    return [json.loads(l) for l in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lr_schedule_is_the_released_one(tmp_path):
+    "Every update of a run: linear from 1e-6 to lr over warmup_steps, then constant (optax.linear_schedule + constant)."
+    main(["--preset", "tiny", "--output-dir", str(tmp_path), "log_every=1", "warmup_steps=5", "lr=0.002", "steps=12"])
+    rows = _rows(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    for r in rows:
+        s = r["step"] - 1                                            # the update this row logs
+        assert r["lr"] == pytest.approx(1e-6 + (0.002 - 1e-6) * min(s, 5) / 5, rel=1e-12, abs=0)
+    c = make_config("digits")                                        # the small presets' cosine and fine-tune lr
+    lrs = [lr_at(s, c) for s in range(c.steps)]
+    assert lrs[c.warmup_steps] == c.lr and lrs[c.steps - c.ft_steps:] == [c.ft_lr] * c.ft_steps
+    assert all(a >= b for a, b in zip(lrs[c.warmup_steps:c.steps - c.ft_steps], lrs[c.warmup_steps + 1:c.steps - c.ft_steps]))
+
+
+def test_finetune_is_the_last_ft_steps_of_the_run(tmp_path):
+    "lambda = ft_lambda * min(1, (s - start) / ft_ramp_steps) from start = steps - ft_steps, else 0; same lr throughout."
+    out = main(["--preset", "tiny", "--output-dir", str(tmp_path), "log_every=1", "steps=12", "ft_steps=4", "ft_ramp_steps=2"])
+    assert out["step"] == 12
+    rows = _rows(tmp_path)
+    lams = [r["lam"] for r in rows]
+    assert lams == pytest.approx([0.0] * 8 + [0.0, 0.05, 0.1, 0.1])
+    assert all("ce" in r for r in rows[8:]) and len({r["lr"] for r in rows[2:]}) == 1
+    with pytest.raises(ValueError, match="ft_steps"):
+        main(["--preset", "tiny", "--output-dir", str(tmp_path / "bad"), "steps=4", "ft_steps=6"])
+
+
+def big_fields(data_dir=None, cfg=None):
+    "Data 1000x larger than RandomFields: a huge loss and gradient (a `module:function` data set)."
+    from torch.utils.data import TensorDataset
+    from drifting_nb.train_mae import RandomFields
+    d = RandomFields(64, (4, 16, 16), cfg.num_classes)
+    return TensorDataset(d.x * 1000, d.y)
+
+
+def test_optimizer_as_released(tmp_path, monkeypatch):
+    "AdamW steps with the gradient clipped to global norm 2.0 and weight decay 0.01 on every parameter (GroupNorm too)."
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    seen = []
+    def record(opt, args, kwargs):
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        seen.append(dict(norm=torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item(),
+                         decay={(p.ndim, g["weight_decay"]) for g in opt.param_groups for p in g["params"]}))
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    handle = register_optimizer_step_pre_hook(record)
+    try:
+        main(["--preset", "tiny", "--output-dir", str(tmp_path), "log_every=1", "steps=4", "ft_steps=2",
+              "dataset=test_mae:big_fields"])
+    finally:
+        handle.remove()
+    rows = _rows(tmp_path)
+    assert len(seen) == 4 and min(r["grad_norm"] for r in rows) > 100      # logged before clipping
+    assert all(s["norm"] == pytest.approx(2.0, rel=1e-4) for s in seen)     # what AdamW receives
+    decays = set().union(*(s["decay"] for s in seen))                 # {(parameter ndim, its weight decay)}
+    assert decays == {(1, 0.01), (2, 0.01), (4, 0.01)}                    # GroupNorm and biases, head, convs
 
 
 def test_train_mae_job_saves_resumes_and_loads(tmp_path, capsys):
@@ -93,7 +169,7 @@ def test_train_mae_job_saves_resumes_and_loads(tmp_path, capsys):
     r1 = main(["--preset", "tiny", "--output-dir", str(run), "--max-steps", "10", "--seed", "3"])
     assert r1["step"] == 10 and (run / "checkpoints" / "step_0000010").is_dir()
     r2 = main(["--preset", "tiny", "--output-dir", str(run), "--seed", "3", "--resume"])
-    assert r2["step"] == 26                                    # 20 pretraining + 6 fine-tune steps
+    assert r2["step"] == 26                                    # 26 updates, the last 6 fine-tuning
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(2, 27, 2))
     assert rows[0]["lam"] == 0.0 and rows[-1]["lam"] == pytest.approx(0.1) and "ce" in rows[-1]
