@@ -270,59 +270,37 @@ def init_from_release(model: DiT, path_or_name, cache_dir=None) -> DiT:
                          + ", ".join(f"{k} (release {a}, run {b})" for k, (a, b) in diff.items()))
     return load_state(model, generator_state_dict(flat, kw), str(folder))
 
-# %% ../nbs/12_release.ipynb #86a5ce29
-import re
+# %% ../nbs/12_release.ipynb #b0d7e356
 from .features import ResNetEncoder, mae_activations
 from .mae import MAE
 
-# %% ../nbs/12_release.ipynb #cc0efed7
+# %% ../nbs/12_release.ipynb #800eb5fa
 _MAE_OPTIONS = ("num_classes", "in_channels", "base_channels", "patch_size", "layers", "input_patch_size", "use_bf16",
                 "dropout_prob")
-_BLOCK_PARTS = {"conv1": "conv1", "gn1": "norm1", "conv2": "conv2", "gn2": "norm2", "proj_conv": "shortcut.0",
-                "proj_gn": "shortcut.1"}
-_UP_BLOCKS = {"up43": 0, "up32": 1, "up21": 2, "up10": 3}
-_UP_PARTS = {"concat_norm_fn": "norm", "proj": "convs.0", "refine": "convs.1"}
-_CONV_GN = {"conv": "0", "gn": "1"}
-
-def _mae_key(path: str) -> str | None:
-    "The state_dict key (of our MAE) of a release parameter path such as 'encoder/stages_1/layers_0/gn1/scale'."
-    *mods, leaf = path.split("/")
-    p = {"kernel": "weight", "scale": "weight", "bias": "bias"}.get(leaf)
-    m, n = None, len(mods)
-    if p is None or n < 1: return None
-    if mods[0] == "encoder" and n >= 2:
-        if mods[1:] == ["conv1"]: m = "encoder.stem.0"
-        elif mods[1:] == ["gn1"]: m = "encoder.stem.1"
-        elif n == 2 and re.fullmatch(r"layer[1-4]_norm", mods[1]): m = f"encoder.norms.{int(mods[1][5]) - 1}"
-        elif n == 4 and re.fullmatch(r"stages_\d+", mods[1]) and re.fullmatch(r"layers_\d+", mods[2]) and mods[3] in _BLOCK_PARTS:
-            m = f"encoder.stages.{mods[1][7:]}.{mods[2][7:]}.{_BLOCK_PARTS[mods[3]]}"
-    elif mods[0] == "decoder" and n >= 2:
-        if n == 3 and mods[1] == "bridge" and mods[2] in _CONV_GN: m = f"decoder.mid.{_CONV_GN[mods[2]]}"
-        elif mods[1:] == ["head"]: m = "decoder.head"
-        elif mods[1] in _UP_BLOCKS and n >= 3 and mods[2] in _UP_PARTS:
-            b = f"decoder.blocks.{_UP_BLOCKS[mods[1]]}.{_UP_PARTS[mods[2]]}"
-            if n == 3 and mods[2] == "concat_norm_fn": m = b
-            elif n == 4 and mods[2] != "concat_norm_fn" and mods[3] in _CONV_GN: m = f"{b}.{_CONV_GN[mods[3]]}"
-    elif mods == ["fc"]: m = "head"
-    return None if m is None else f"{m}.{p}"
-
-def _release_paths(model) -> list[str]:
-    "The release's parameter paths for our ResNetEncoder or MAE (decoder/fc included when it has them)."
+def _release_names(model) -> dict[str, str]:
+    "{release parameter path: our state_dict key} for our ResNetEncoder or MAE (decoder and fc when it has them)."
     enc = model if isinstance(model, ResNetEncoder) else model.encoder
-    norm = lambda pre: [f"{pre}/scale", f"{pre}/bias"]
-    paths = ["encoder/conv1/kernel", *norm("encoder/gn1")]
+    pre, names = ("" if model is enc else "encoder."), {}
+    def conv(path, key): names[f"{path}/kernel"] = f"{key}.weight"
+    def gn(path, key): names[f"{path}/scale"], names[f"{path}/bias"] = f"{key}.weight", f"{key}.bias"
+    def conv_gn(path, key): conv(f"{path}/conv", f"{key}.0"); gn(f"{path}/gn", f"{key}.1")
+    conv("encoder/conv1", f"{pre}stem.0"); gn("encoder/gn1", f"{pre}stem.1")
     for s, stage in enumerate(enc.stages):
-        paths += norm(f"encoder/layer{s + 1}_norm")
+        gn(f"encoder/layer{s + 1}_norm", f"{pre}norms.{s}")
         for b, block in enumerate(stage):
-            pre = f"encoder/stages_{s}/layers_{b}"
-            paths += [f"{pre}/conv1/kernel", *norm(f"{pre}/gn1"), f"{pre}/conv2/kernel", *norm(f"{pre}/gn2")]
-            if not isinstance(block.shortcut, torch.nn.Identity): paths += [f"{pre}/proj_conv/kernel", *norm(f"{pre}/proj_gn")]
-    if isinstance(model, ResNetEncoder): return paths
-    cgr = lambda pre: [f"{pre}/conv/kernel", *norm(f"{pre}/gn")]
-    paths += cgr("decoder/bridge")
-    for up in _UP_BLOCKS: paths += [*norm(f"decoder/{up}/concat_norm_fn"), *cgr(f"decoder/{up}/proj"), *cgr(f"decoder/{up}/refine")]
-    paths += ["decoder/head/kernel", "decoder/head/bias"]
-    return paths + (["fc/kernel", "fc/bias"] if model.head is not None else [])
+            p, k = f"encoder/stages_{s}/layers_{b}", f"{pre}stages.{s}.{b}"
+            conv(f"{p}/conv1", f"{k}.conv1"); gn(f"{p}/gn1", f"{k}.norm1")
+            conv(f"{p}/conv2", f"{k}.conv2"); gn(f"{p}/gn2", f"{k}.norm2")
+            if not isinstance(block.shortcut, torch.nn.Identity):
+                conv(f"{p}/proj_conv", f"{k}.shortcut.0"); gn(f"{p}/proj_gn", f"{k}.shortcut.1")
+    if model is enc: return names
+    conv_gn("decoder/bridge", "decoder.mid")
+    for i, up in enumerate(("up43", "up32", "up21", "up10")):          # skips layer3, layer2, layer1, conv1
+        gn(f"decoder/{up}/concat_norm_fn", f"decoder.blocks.{i}.norm")
+        conv_gn(f"decoder/{up}/proj", f"decoder.blocks.{i}.convs.0"); conv_gn(f"decoder/{up}/refine", f"decoder.blocks.{i}.convs.1")
+    conv("decoder/head", "decoder.head"); names["decoder/head/bias"] = "decoder.head.bias"
+    if model.head is not None: names.update({"fc/kernel": "head.weight", "fc/bias": "head.bias"})
+    return names
 
 def _torch_layout(a: np.ndarray) -> torch.Tensor:
     "flax conv kernel HWIO -> OIHW, Dense kernel [in,out] -> [out,in]; others unchanged."
@@ -343,7 +321,7 @@ def _mae_config(mc: dict, where) -> dict:
                 patch=int(mc.get("input_patch_size", 1)), num_classes=int(mc.get("num_classes", 1000)),
                 mask_patch=int(mc.get("patch_size", 4)))
 
-# %% ../nbs/12_release.ipynb #7467e2cc
+# %% ../nbs/12_release.ipynb #2a800277
 def build_mae(model_config: dict, decoder: bool = True, head: bool = True, where="model_config"):
     """Our module for a release MAE `model_config`, randomly initialised: `MAE` (with the fc head when `head`) or,
     with decoder=False, the bare `ResNetEncoder`. Unsupported options are errors naming them."""
@@ -361,21 +339,16 @@ def load_mae(path_or_name, device=None, cache_dir=None):
     flat = {k[7:] if k.startswith("params/") else k: v for k, v in flat.items()}
     model = build_mae(meta["model_config"], decoder=any(k.startswith("decoder/") for k in flat),
                       head=any(k.startswith("fc/") for k in flat), where=folder / "metadata.json")
-    encoder = model if isinstance(model, ResNetEncoder) else model.encoder
-    paths = _release_paths(model)
-    missing, unexpected = [p for p in paths if p not in flat], [k for k in flat if k not in set(paths)]
+    names = _release_names(model)
+    missing, unexpected = [p for p in names if p not in flat], [k for k in flat if k not in names]
     where = f"{folder} (model_config {meta['model_config']})"
     if missing: raise ValueError(f"{where} lacks {len(missing)} parameters of this config, e.g. {missing[:4]}")
     if unexpected: raise ValueError(f"{where} has parameters drifting_nb's MAE does not: {unexpected[:4]}"
                                     + (f" and {len(unexpected) - 4} more" if len(unexpected) > 4 else ""))
     expected = model.state_dict()
-    sd, wrong = {}, []
-    for path in paths:
-        key = _mae_key(path)
-        if model is encoder: key = key[len("encoder."):]
-        sd[key] = t = _torch_layout(flat[path])
-        if t.shape != expected[key].shape:
-            wrong.append(f"{path} {tuple(flat[path].shape)} (expected {tuple(expected[key].shape)} as torch {key})")
+    sd = {key: _torch_layout(flat[path]) for path, key in names.items()}
+    wrong = [f"{path} {tuple(flat[path].shape)} (expected {tuple(expected[key].shape)} as torch {key})"
+             for path, key in names.items() if sd[key].shape != expected[key].shape]
     if wrong: raise ValueError(f"weights of {folder} do not fit its model_config: {'; '.join(wrong[:3])}"
                                + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""))
     model.load_state_dict(sd)

@@ -344,7 +344,8 @@ def pretrain_encoder(cfg: TrainConfig, accelerator) -> Path:
                                 "an artifact folder or a name such as mae_latent_640); pretrain one with "
                                 "`accelerate launch -m drifting_nb.train_mae --preset ...`")
     if not cfg.mae_preset:
-        raise ValueError(f"preset {cfg.preset!r} needs --encoder-path (a folder written by drifting_nb.train_mae)")
+        raise ValueError(f"preset {cfg.preset!r} needs --encoder-path (a folder written by drifting_nb.train_mae, "
+                         "or a released MAE such as mae_latent_640)")
     if accelerator.is_main_process:
         fmt = lambda v: ",".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v).lower() if isinstance(v, bool) else str(v)
         cmd = [sys.executable, "-m", "drifting_nb.train_mae", "--preset", cfg.mae_preset, "--output-dir", str(path),

@@ -89,15 +89,15 @@ def test_misshaped_and_missing_weights_are_named(tmp_path):
 
 def test_decoder_and_head_load(tmp_path):
     "An artifact with decoder/ and fc/ (as the released ones) loads into our MAE: written in the release's layout."
-    from drifting_nb.release import _release_paths, _mae_key
+    from drifting_nb.release import _release_names
     torch.manual_seed(0)
     mine = MAE(ResNetEncoder(in_channels=4, width=32, blocks=(1, 1, 2, 1), patch=1), num_classes=3).eval()
     sd = mine.state_dict()
     flat = {}
-    for p in _release_paths(mine):
-        t = sd[_mae_key(p)]
+    for p, key in _release_names(mine).items():
+        t = sd[key]
         flat[p] = (t.permute(2, 3, 1, 0) if t.dim() == 4 else t.t() if t.dim() == 2 else t).contiguous().numpy()
-    assert len(flat) == len(sd)
+    assert sorted(_release_names(mine).values()) == sorted(sd)         # every weight named once
     d = _copy(tmp_path, config=dict(num_classes=3, base_channels=32, layers=[1, 1, 2, 1]))
     _write_params(d, flat)
     back = load_mae(d)
