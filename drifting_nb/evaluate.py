@@ -346,11 +346,20 @@ def metrics_from_features(feats: dict, layers: dict, ref: dict, real_feats: dict
 DEFAULT_ALPHAS = (1.0, 1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5)
 
 def evaluate_alpha(run, alpha: float, num_samples: int, features: FidelityFeatures, ref: dict, real_feats=None,
-                   batch_size: int = 250, seed: int = 0, progress: bool = False, return_feats: bool = False):
-    "Metrics of `num_samples` class-balanced samples at CFG scale `alpha` (and the features when `return_feats`)."
-    labels = _run.balanced_labels(num_samples, run.num_classes)
-    batches = (x for x, _ in _run.iter_samples(run, labels, alpha, batch_size, seed, progress, desc=f"alpha={alpha:g}"))
-    feats = features.extract(batches)
+                   batch_size: int = 250, seed: int = 0, progress: bool = False, return_feats: bool = False,
+                   accelerator=None):
+    """Metrics of `num_samples` class-balanced samples at CFG scale `alpha` (and the features when `return_feats`).
+    With an `accelerator` of several processes, each generates and embeds every `num_processes`-th sample (seed
+    `seed + rank`) and the features meet on the main process, which returns the metrics; the others return None."""
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    labels = _run.balanced_labels(num_samples, run.num_classes)[rank::world]            # this process's share
+    batches = (x for x, _ in _run.iter_samples(run, labels, alpha, batch_size, seed + rank, progress, desc=f"alpha={alpha:g}"))
+    feats = features.extract(batches) if len(labels) else {}
+    if world > 1:
+        from accelerate.utils import gather_object
+        parts = gather_object([{k: v.numpy() for k, v in feats.items()}])
+        if rank != 0: return None
+        feats = {k: torch.cat([torch.as_tensor(p[k]) for p in parts if k in p]) for k in features.layers.values()}
     res = {"alpha": float(alpha), "num_samples": int(num_samples),
            **metrics_from_features(feats, features.layers, ref, real_feats)}
     return (res, feats) if return_feats else res

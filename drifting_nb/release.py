@@ -108,14 +108,13 @@ def read_artifact(path_or_name, kind: str | None = None, cache_dir=None) -> tupl
         raise ValueError(f"{folder / 'metadata.json'} has no model_config: the network cannot be rebuilt")
     return meta, flatten(read_msgpack(folder / "ema_params.msgpack")), folder
 
-# %% ../nbs/12_release.ipynb #44e9d038
-from .generator import DiT
+# %% ../nbs/12_release.ipynb #0aa861d2
+from .generator import DiT, rope_1d
 
 _GEN_DEFAULTS = dict(num_classes=1001, noise_classes=0, noise_coords=1, input_size=32, in_channels=3, n_cls_tokens=0,
                      patch_size=2, hidden_size=1152, depth=28, num_heads=16, mlp_ratio=4.0, out_channels=3,
                      use_qknorm=False, use_swiglu=False, use_rope=False, use_rmsnorm=False, use_bf16=False,
-                     attn_fp32=True, use_remat=False)   # DitGen's own defaults, for keys a config leaves out
-_RUN_ONLY = ("use_bf16", "use_remat")                  # how it was run, not what it is
+                     attn_fp32=True, use_remat=False)   # DitGen's own defaults; use_bf16/use_remat: how it ran, not what it is
 
 def generator_kwargs(model_config: dict) -> dict:
     "The release's generator `model_config` -> `DiT(**kwargs)`. Unknown options are a ValueError naming them."
@@ -186,7 +185,7 @@ def generator_state_dict(flat: dict, kw: dict) -> dict[str, np.ndarray]:
     if flat: raise ValueError(f"release parameters the model_config does not explain: {sorted(flat)[:5]}")
     return sd
 
-# %% ../nbs/12_release.ipynb #340af0f6
+# %% ../nbs/12_release.ipynb #df058892
 def load_state(model: torch.nn.Module, sd: dict, what: str) -> torch.nn.Module:
     "Copy numpy arrays `sd` into `model` (float32), checking every name and shape; errors name the parameter."
     own = model.state_dict()
@@ -204,12 +203,12 @@ def load_generator(path_or_name, device=None, cache_dir=None) -> DiT:
     Call it as `model(noise [B,C,H,W], labels [B], alpha [B], style [B, noise_coords])`."""
     meta, flat, folder = read_artifact(path_or_name, "gen", cache_dir)
     kw = generator_kwargs(meta["model_config"])
-    with torch.device("meta"): model = DiT(**kw)
+    with torch.device("meta"): model = DiT(**kw)                     # no random init: every weight comes from the file
     model = model.to_empty(device="cpu")
     load_state(model, generator_state_dict(flat, kw), str(folder))
-    if hasattr(model, "rope_cos"):                                   # buffers are not in the state dict: rebuild
-        fresh = DiT(**{**kw, "depth": 0})
-        model.rope_cos, model.rope_sin = fresh.rope_cos, fresh.rope_sin
+    if kw["rope"]:                                                   # RoPE tables are buffers, not weights: recompute
+        model.rope_cos, model.rope_sin = rope_1d(kw["hidden_size"] // kw["num_heads"], model.num_incontext_tokens + model.grid ** 2)
+    model.release_metadata = meta
     return model.to(device or "cpu").eval()
 
 # %% ../nbs/12_release.ipynb #6dc4d5e7
@@ -223,7 +222,7 @@ def release_parity(folder) -> float:
     theirs = io["out"].transpose(0, 3, 1, 2)
     return float(np.abs(out.numpy() - theirs).max() / np.abs(theirs).max())
 
-# %% ../nbs/12_release.ipynb #de16bc64
+# %% ../nbs/12_release.ipynb #d5ae81d6
 RELEASE_VAE = "stabilityai/sd-vae-ft-mse"
 
 class ReleasedRun:
@@ -245,12 +244,11 @@ class ReleasedRun:
 def load_release_run(path_or_name, vae=RELEASE_VAE, device=None, cache_dir=None) -> ReleasedRun:
     """A released generator ready to sample: `vae` (hub id, local folder or an `SDVAE`) decodes latent models."""
     model = load_generator(path_or_name, device, cache_dir)
-    meta = json.loads((resolve_artifact(path_or_name, "gen", cache_dir) / "metadata.json").read_text())
     sdvae = None
     if model.in_channels == 4:
         from drifting_nb.data import SDVAE
         sdvae = vae if isinstance(vae, SDVAE) else SDVAE.from_pretrained(vae)
-    return ReleasedRun(model, meta, sdvae, str(path_or_name))
+    return ReleasedRun(model, model.release_metadata, sdvae, str(path_or_name))
 
 # %% ../nbs/12_release.ipynb #7901c91b
 _RUNTIME_KEYS = ("attn_fp32",)                         # a precision choice: may differ between the release and a run

@@ -11,11 +11,10 @@ import torch
 from torch import Tensor
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
-from .run import load_run as _load_run
-from .run import balanced_labels, make_labels, run_device, check_alpha, iter_samples, default_device, open_run, generate   # notebook 07a
+from .run import balanced_labels, make_labels, run_device, check_alpha, iter_samples, default_device, open_run, generate, load_run   # notebook 07a
 
 # %% auto #0
-__all__ = ['MAX_GRID', 'write_npz', 'save_npz', 'grid_nrow', 'save_grid', 'load_run', 'sample_parser', 'main']
+__all__ = ['MAX_GRID', 'write_npz', 'save_npz', 'grid_nrow', 'save_grid', 'sample_parser', 'main']
 
 # %% ../nbs/08b_sample.ipynb #6f7a7b36
 def _atomic_target(path: Path):
@@ -72,14 +71,6 @@ def save_grid(path, samples: np.ndarray, nrow: int = 8, padding: int = 1) -> Pat
     return path
 
 # %% ../nbs/08b_sample.ipynb #837ea738
-def load_run(run_dir, ema: bool = True, device="cpu", decay: float | None = None):
-    "Load a training run for sampling (`drifting_nb.run.load_run`): EMA weights (of `decay`, default the first) by default."
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir(): raise FileNotFoundError(f"run folder {run_dir} does not exist")
-    if not (run_dir / "config.json").exists():
-        raise FileNotFoundError(f"{run_dir} is not a training run: it has no config.json")
-    return _load_run(run_dir, ema=ema, device=device, **({} if decay is None else {"decay": decay}))
-
 MAX_GRID = 10_000                                          # samples in one PNG grid
 
 def sample_parser() -> argparse.ArgumentParser:
@@ -113,8 +104,7 @@ def main(argv=None):
     try: check_alpha(args.alpha)
     except ValueError as e: raise SystemExit(str(e)) from None
     device = args.device or default_device()
-    run = (load_run(args.run, ema=not args.no_ema, device=device, decay=args.ema_decay) if args.run
-           else open_run(release=args.release, vae=args.vae, device=device))
+    run = open_run(args.run, args.release, args.vae, ema=not args.no_ema, decay=args.ema_decay, device=device)
     labels = make_labels(args.num_samples, run.num_classes, args.labels)
     if out.suffix.lower() == ".png":
         samples, labels = generate(run, labels, args.alpha, args.batch_size, args.seed, progress=True)

@@ -575,22 +575,13 @@ def fid_scores(model, cfg: TrainConfig, device, decode, accelerator=None) -> dic
     """FID and IS (torch-fidelity) of `model` against cfg.ref_stats at every alpha of cfg.eval_alphas, over
     cfg.eval_samples class-balanced samples split over the processes (each generates and embeds its share; the
     features meet on the main process). Returns the best alpha's metrics and the sweep on the main process, else None."""
-    from accelerate.utils import gather_object
-    from drifting_nb.evaluate import load_ref_stats, metrics_from_features
-    from drifting_nb.run import Run, balanced_labels, iter_samples
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    from drifting_nb.evaluate import evaluate_alpha, load_ref_stats
+    from drifting_nb.run import Run
     feats = _fidelity(cfg.fid_extractor, cfg.fid_weights, str(device))
-    ref = load_ref_stats(cfg.ref_stats)
-    run = Run(model, {"num_classes": cfg.num_classes}, decode)
-    labels = balanced_labels(cfg.eval_samples, cfg.num_classes)[rank::world]       # this process's share
-    sweep = {}
-    for a in cfg.eval_alphas:
-        local = feats.extract(x for x, _ in iter_samples(run, labels, a, cfg.eval_batch_size, seed=1234 + rank)) if len(labels) else {}
-        parts = gather_object([{k: v.numpy() for k, v in local.items()}]) if world > 1 else [local]
-        if rank == 0:
-            allf = {k: torch.cat([torch.as_tensor(p[k]) for p in parts if k in p]) for k in feats.layers.values()}
-            sweep[float(a)] = {"alpha": float(a), "num_samples": cfg.eval_samples, **metrics_from_features(allf, feats.layers, ref)}
-    if rank != 0: return None
+    run, ref = Run(model, {"num_classes": cfg.num_classes}, decode), load_ref_stats(cfg.ref_stats)
+    sweep = {float(a): evaluate_alpha(run, a, cfg.eval_samples, feats, ref, batch_size=cfg.eval_batch_size, seed=1234,
+                                      accelerator=accelerator) for a in cfg.eval_alphas}
+    if accelerator is not None and not accelerator.is_main_process: return None
     best = min(sweep, key=lambda a: sweep[a]["fid"])
     return dict(sweep[best], sweep={str(a): s for a, s in sweep.items()}, ref_stats=cfg.ref_stats)
 

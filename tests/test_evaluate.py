@@ -68,8 +68,7 @@ class DigitsRun:
 def standin(monkeypatch, tmp_path):
     run = DigitsRun()
     (tmp_path / "run").mkdir()
-    monkeypatch.setattr(sample_mod, "load_run", lambda run_dir, ema=True, device="cpu", decay=None: run)
-    monkeypatch.setattr(run_mod, "load_run", lambda run_dir, ema=True, device="cpu", decay=None: run)   # evaluate's way in
+    monkeypatch.setattr(run_mod, "load_run", lambda run_dir, ema=True, device="cpu", decay=None: run)   # sample's and evaluate's way in
     return run
 
 

@@ -243,8 +243,8 @@ def test_sample_refuses_alphas_it_was_not_trained_for(alpha, tmp_path):
 
 def test_sample_streams_many_samples_to_the_npz(tmp_path, monkeypatch):
     "20,000 samples of 16x16x3 (15 MB) through the command line: numpy never holds them all at once."
-    from drifting_nb import sample
-    monkeypatch.setattr(sample, "load_run", lambda *a, **k: _StandIn())
+    from drifting_nb import sample, run
+    monkeypatch.setattr(run, "load_run", lambda *a, **k: _StandIn())      # the command opens runs through run.open_run
     n, size = 20_000, 16 * 16 * 3
     tracemalloc.start()
     sample.main(["--run", str(tmp_path), "--num-samples", str(n), "--batch-size", "1000", "--device", "cpu",
