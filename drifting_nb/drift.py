@@ -11,20 +11,22 @@ import torch.nn.functional as F
 from torch import Tensor, distributed
 
 # %% auto #0
-__all__ = ['NORMALIZATIONS', 'MIN_D2', 'MIN_SCALE', 'sq_norms', 'pairwise_dist', 'mean_shift', 'compute_V', 'drifting_loss',
-           'feature_drift', 'feature_drifting_loss', 'alpha_to_weight', 'sample_alpha']
+__all__ = ['NORMALIZATIONS', 'MIN_D2', 'MIN_SCALE', 'CHUNK_ELEMS', 'sq_norms', 'pairwise_dist', 'mean_shift', 'compute_V',
+           'drifting_loss', 'feature_drift', 'feature_drifting_loss', 'alpha_to_weight', 'sample_alpha']
 
 # %% ../nbs/00_drift.ipynb #2cfa9621
 def sq_norms(x: Tensor) -> Tensor:
     "Squared L2 norm of each row, x [B,N,D] -> [B,N] (a reduction: no [B,N,D] temporary)."
     return torch.linalg.vector_norm(x, dim=-1).square_()
 
-def pairwise_dist(x: Tensor, y: Tensor, x2: Tensor | None = None, y2: Tensor | None = None, eps: float = 0.0) -> Tensor:
+def pairwise_dist(x: Tensor, y: Tensor, x2: Tensor | None = None, y2: Tensor | None = None, eps: float = 0.0,
+                  out: Tensor | None = None) -> Tensor:
     """L2 distances between rows: x [B,N,D], y [B,M,D] -> [B,N,M] with one `baddbmm` (no gradient needed).
-    x2 [B,N], y2 [B,M]: squared norms, when the caller already has them. eps: floor of the squared distances."""
+    x2 [B,N], y2 [B,M]: squared norms, when the caller already has them. eps: floor of the squared distances.
+    out: a contiguous [B,N,M] tensor to write into."""
     x2 = sq_norms(x) if x2 is None else x2
     y2 = sq_norms(y) if y2 is None else y2
-    d2 = torch.baddbmm(y2.unsqueeze(-2), x, y.transpose(-1, -2), alpha=-2).add_(x2.unsqueeze(-1))  # [B,N,M]
+    d2 = torch.baddbmm(y2.unsqueeze(-2), x, y.transpose(-1, -2), alpha=-2, out=out).add_(x2.unsqueeze(-1))  # [B,N,M]
     return d2.clamp_min_(eps).sqrt_()
 
 # %% ../nbs/00_drift.ipynb #a1f0c3d2
@@ -56,11 +58,11 @@ def _check_normalize(normalize):
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize={normalize!r} is not one of {NORMALIZATIONS} (Table 11)")
 
-def _affinity(logits: Tensor, normalize: str) -> Tensor:
-    "Normalised kernel A [B,N,T] from logits [B,N,T] = -dist/tau, over targets T (rows) and samples N (columns)."
-    if normalize == "xy":                                   # sqrt(softmax_y * softmax_x), in log space
-        lse = logits.logsumexp(-1, keepdim=True) + logits.logsumexp(-2, keepdim=True)   # [B,N,T]
-        return logits.sub(lse.mul_(0.5)).exp_()
+def _affinity(logits: Tensor, normalize: str, floor: float = 0.0) -> Tensor:
+    """Normalised kernel A [...,N,T] from logits [...,N,T] = -dist/tau, over targets T (rows) and samples N (columns).
+    floor: least value of the "xy" affinity (the release clamps the product of the two softmaxes at floor**2)."""
+    if normalize == "xy":                                   # sqrt(softmax_y * softmax_x): two fused softmax kernels
+        return logits.softmax(-1).mul_(logits.softmax(-2)).clamp_min_(floor * floor).sqrt_()
     if normalize == "y": return logits.softmax(-1)
     return logits.exp()
 
@@ -140,23 +142,44 @@ def _all_reduce(t: Tensor) -> Tensor:
     distributed.all_reduce(t)
     return t
 
+def _segments(groups, B: int, device) -> tuple[Tensor, int]:
+    "Group index [B] of each problem from `groups`, the sizes of consecutive runs of problems (None: one group of B)."
+    sizes = [B] if groups is None else [int(g) for g in groups]
+    if not sizes or min(sizes) < 1 or sum(sizes) != B:
+        raise ValueError(f"groups {sizes} must be positive sizes of consecutive problems summing to B={B}")
+    return torch.arange(len(sizes), device=device).repeat_interleave(torch.tensor(sizes, device=device)), len(sizes)
+
+def _group_sum(v: Tensor, seg: Tensor, G: int) -> Tensor:
+    "Per-group sums [G,...] of per-problem values v [B,...], in float64 (thousands of problems add up exactly enough)."
+    return v.new_zeros(G, *v.shape[1:], dtype=torch.float64).index_add_(0, seg, v.double())
+
 MIN_D2, MIN_SCALE = 1e-8, 1e-3     # as released: floors of the squared distances, of S and of the feature scale
+CHUNK_ELEMS = 2 ** 20              # entries of the kernel (or of the targets) worked on at once: 4 MiB, cache-sized
+
+def _chunks(B: int, per_problem: int, chunk_elems: int):
+    "Slices of consecutive problems with about chunk_elems entries each (at least one problem)."
+    n = max(1, chunk_elems // max(1, per_problem))
+    return [slice(b, min(B, b + n)) for b in range(0, B, n)]
 
 @torch.no_grad()
 @_float32
 def feature_drift(gen: Tensor, pos: Tensor, neg: Tensor | None = None, neg_weight=None,
                   taus=(0.02, 0.05, 0.2), normalize: str = "xy", pos_mult: float = 1.0, neg_mult: float = 1.0,
                   feature_norm: bool = True, drift_norm: bool = True, self_neg: bool = True,
-                  mask_value: float = 100.0, min_affinity: float = 1e-3, center="auto", global_batch: bool = False):
+                  mask_value: float = 100.0, min_affinity: float = 1e-3, center="auto", global_batch: bool = False,
+                  groups=None, chunk_elems: int = CHUNK_ELEMS):
     """Normalised multi-temperature drift of Sec. 3.4 on a batch of independent problems, in float32.
     gen [B,N,D] generated features; pos [B,P,D] positives; neg [B,M,D] extra negatives (CFG unconditional reals) with
     neg_weight (float, [M] or [B,M]); the generated samples are negatives too (self-masked) unless self_neg=False.
+    groups: sizes [G] of consecutive runs of problems normalised each on its own (one feature each: its own S and its
+    own drift RMS per temperature, exactly as G separate calls); None: one group.
     Returns (V [B,N,D] in the normalised space, info) with info = {"scale": S/sqrt(D) the feature scale,
-    "mean_dist": S, "drift_norm": [K] raw RMS drift per temperature}.
+    "mean_dist": S, "drift_norm": [K] raw RMS drift per temperature}, each with a leading [G] when groups is given.
     min_affinity: floor of the "xy" affinity sqrt(softmax_row * softmax_col); the release floors the product at 1e-6,
     the affinity at 1e-3. center: True | False | "auto" (centre each problem on its mean sample when the offset dwarfs
     the spread). global_batch: S and the drift RMS are means over the problems of all processes (torch.distributed
-    sums, as the release normalises over its global batch), not only over this call's."""
+    sums, as the release normalises over its global batch), not only over this call's. chunk_elems: problems are
+    worked on in chunks of about this many kernel (or target) entries, every temperature at once."""
     _check_normalize(normalize)
     if gen.dim() != 3 or pos.dim() != 3 or pos.shape[0] != gen.shape[0] or pos.shape[2] != gen.shape[2]:
         raise ValueError(f"expected gen [B,N,D] and pos [B,P,D], got {tuple(gen.shape)} and {tuple(pos.shape)}")
@@ -164,82 +187,106 @@ def feature_drift(gen: Tensor, pos: Tensor, neg: Tensor | None = None, neg_weigh
         raise ValueError(f"neg {tuple(neg.shape)} does not match gen {tuple(gen.shape)}")
     if not self_neg and neg is None: raise ValueError("no negatives: pass neg or keep self_neg=True")
     B, N, D = gen.shape
-    x, pos = gen.float(), pos.float()
-    neg = None if neg is None else neg.float()
-    x2 = sq_norms(x)                                        # [B,N], shared by the three distance blocks
-    if center == "auto":                                    # offset^2 vs spread^2 = E|x|^2 - |E x|^2, per problem
+    P, M, K = pos.shape[1], (0 if neg is None else neg.shape[1]), len(taus)
+    T = P + (N if self_neg else 0) + M                      # targets: positives, own samples, extra negatives
+    seg, G = _segments(groups, B, gen.device)               # [B] group of each problem
+    x = gen.float()
+    if center == "auto":                                    # per group: does an offset dwarf a spread somewhere?
         c = x.mean(1, keepdim=True)
-        c2 = sq_norms(c)[:, 0]
-        center = bool((c2 > 100 * (x2.mean(1) - c2).clamp_min(0)).any())
-    if center:                                              # translation changes no distance and no drift
-        c = x.mean(1, keepdim=True)
-        x, pos = x - c, pos - c
-        neg = None if neg is None else neg - c
-        x2 = sq_norms(x)
-    negs = ([x] if self_neg else []) + ([] if neg is None else [neg])
-    d_pos = pairwise_dist(x, pos, x2, eps=MIN_D2)           # [B,N,P]
-    d_neg = torch.cat([pairwise_dist(x, n, x2, x2 if n is x else None, eps=MIN_D2) for n in negs], -1)   # [B,N,M_all]
-    if self_neg: d_neg[..., :N].diagonal(dim1=-2, dim2=-1).fill_(math.sqrt(MIN_D2))   # own distance: 0, floored
-    P = pos.shape[1]
-    w = torch.ones(B, d_neg.shape[-1], dtype=x.dtype, device=x.device)   # kernel weight of each negative
-    if neg is not None: w[:, -neg.shape[1]:] = _as_weight(neg_weight, B, neg.shape[1], x)
-    # feature normalisation: weighted mean distance over all generated-vs-target pairs, own pairs included
-    sums = torch.stack([d_pos.sum() + (d_neg * w[:, None]).sum(), N * (B * P + w.sum())])
+        c2 = sq_norms(c)[:, 0]                              # offset^2 vs spread^2 = E|x|^2 - |E x|^2, per problem
+        far = _group_sum((c2 > 100 * (sq_norms(x).mean(1) - c2).clamp_min(0)).float(), seg, G) > 0   # [G]
+        centred = far[seg].to(x.dtype)                      # [B] 1: centre this problem, 0: leave it
+    else: centred = torch.full((B,), float(bool(center)), dtype=x.dtype, device=x.device)
+    any_centred = centred.bool().tolist()
+    blocks = [pos] + ([x] if self_neg else []) + ([neg] if M else [])   # the targets' columns, in this order
+    def targets(sl):
+        "Samples [n,N,D] and target blocks [n,*,D] of the problems sl in float32, centred on the mean sample if asked."
+        xs, Ys = x[sl], [t[sl].float() for t in blocks]
+        if any(any_centred[sl]):                            # translation changes no distance and no drift
+            c = xs.mean(1, keepdim=True) * centred[sl, None, None]
+            xs, Ys = xs - c, [t - c for t in Ys]
+        return xs, Ys
+    dist = x.new_empty(B, N, T)                             # [B,N,T] distances, a product per chunk and block
+    for sl in _chunks(B, K * N * T, chunk_elems):
+        xs, Ys = targets(sl)
+        x2 = sq_norms(xs)
+        torch.cat([pairwise_dist(xs, t, x2, x2 if t is xs else None, eps=MIN_D2) for t in Ys], -1, out=dist[sl])
+    if self_neg: dist[..., P:P + N].diagonal(dim1=-2, dim2=-1).fill_(math.sqrt(MIN_D2))   # own distance: 0, floored
+    w = torch.ones(B, T, dtype=x.dtype, device=x.device)   # kernel weight of each target
+    if M: w[:, T - M:] = _as_weight(neg_weight, B, M, x)
+    # feature normalisation: weighted mean distance over all generated-vs-target pairs (own pairs included), per group
+    sums = _group_sum(torch.stack([torch.einsum("bnt,bt->b", dist, w), N * w.sum(-1)], -1), seg, G)   # [G,2]
     if global_batch: _all_reduce(sums)                      # over the problems of every process
-    S = sums[0] / sums[1]
+    S = (sums[:, 0] / sums[:, 1]).float()                   # [G]
     scale = (S / math.sqrt(D)).clamp_min(MIN_SCALE) if feature_norm else torch.ones_like(S)
-    dist = torch.cat([d_pos, d_neg], -1)                    # [B,N,T]
-    if feature_norm: dist.div_(S.clamp_min(MIN_SCALE))
-    if self_neg: dist[..., P:P + N].diagonal(dim1=-2, dim2=-1).add_(mask_value if feature_norm else mask_value * S)
-    w_all = torch.cat([torch.ones(B, P, dtype=x.dtype, device=x.device), w], -1)[:, None]   # [B,1,T]
-    # normalised units, then unit mean square per temperature (as released: the RMS is floored at 1e-4)
-    step = lambda rms: (1.0 / (scale * (rms.clamp_min(1e-4) if drift_norm else 1.0))).item()
-    V, buf, forces, sq = torch.zeros_like(x), None, [], []  # the summed drift; one force buffer, reused
-    for tau in taus:
-        A = _affinity(dist.div(-tau), normalize)            # [B,N,T]
-        if normalize == "xy" and min_affinity: A.clamp_min_(min_affinity)
+    unit = S.clamp_min(MIN_SCALE) if feature_norm else torch.ones_like(S)   # distances are divided by it
+    if self_neg: dist[..., P:P + N].diagonal(dim1=-2, dim2=-1).add_((mask_value * (unit if feature_norm else S))[seg, None])
+    mult = -1.0 / (unit[seg, None] * torch.tensor(taus, dtype=x.dtype, device=x.device))   # [B,K]: logits = dist * mult
+    forces = x.new_empty(B, K, N, D)                        # each temperature's raw force
+    sq = x.new_empty(B, K)                                  # ... and its sum of squares, per problem
+    for sl in _chunks(B, K * N * T, chunk_elems):
+        xs, Ys = targets(sl)
+        n = xs.shape[0]
+        A = _affinity(dist[sl, None] * mult[sl, :, None, None], normalize,
+                      min_affinity if normalize == "xy" else 0.0)   # [n,K,N,T]
         if self_neg and normalize != "xy": A[..., P:P + N].diagonal(dim1=-2, dim2=-1).zero_()
-        A.mul_(w_all)
+        if M: A[..., T - M:].mul_(w[sl, None, None, T - M:])
         if normalize == "none":                             # plain weighted means over the sets (Eq. 27, Z = 1)
             A[..., :P] /= P
-            A[..., P:] /= (w.sum(-1) - (1 if self_neg else 0)).clamp_min(1e-12)[:, None, None]
-        W_pos, W_neg = _cross_weights(A, P)
-        F_tau = _force(x, W_pos, pos, W_neg, negs, pos_mult, neg_mult, out=buf)   # raw units
-        sq.append(torch.linalg.vector_norm(F_tau).square())
-        if global_batch: forces.append(F_tau)               # kept until every process's sums are in
-        else: buf = F_tau; V.add_(F_tau, alpha=step(sq[-1].div(F_tau.numel()).sqrt_().div_(scale)))
-    ms = torch.stack(sq + [sq[0].new_tensor(float(x.numel()))])     # [K+1]: sums of squares per tau, count
-    if global_batch:
-        _all_reduce(ms)                                     # one reduction for all temperatures
-        for F_tau, s2 in zip(forces, ms):
-            V.add_(F_tau, alpha=step(s2.div(ms[-1]).sqrt_().div_(scale)))
-    rms = ms[:-1].div(ms[-1]).sqrt_().div_(scale)           # [K] RMS drift in normalised units
-    return V, {"scale": scale, "mean_dist": S, "drift_norm": rms}
+            A[..., P:] /= (w[sl, P:].sum(-1) - (1 if self_neg else 0)).clamp_min(1e-12)[:, None, None, None]
+        s_pos, s_neg = A[..., :P].sum(-1, keepdim=True), A[..., P:].sum(-1, keepdim=True)   # [n,K,N,1]
+        A[..., :P].mul_(s_neg * pos_mult)                   # cross weights (Alg. 2): attraction ...
+        A[..., P:].mul_(s_pos * -neg_mult)                  # ... and repulsion, signed
+        F, start = forces[sl].view(n, K * N, D), 0
+        for t in Ys:                                        # sum_j W_ij y_j, block by block
+            W = A[..., start:start + t.shape[1]].reshape(n, K * N, t.shape[1])
+            if start == 0: torch.bmm(W, t, out=F)
+            else: F.baddbmm_(W, t)
+            start += t.shape[1]
+        if pos_mult != neg_mult:                            # - sum_j W_ij x_i (zero when the multipliers agree)
+            F.view(n, K, N, D).addcmul_(s_pos * s_neg * (neg_mult - pos_mult), xs[:, None])
+        sq[sl] = torch.linalg.vector_norm(F.view(n, K, N * D), dim=-1).square_()
+    # unit mean square per group and temperature, in normalised units (as released: the RMS is floored at 1e-4)
+    ms = _group_sum(torch.cat([sq, sq.new_full((B, 1), float(N * D))], -1), seg, G)   # [G,K+1]
+    if global_batch: _all_reduce(ms)                        # one reduction for all groups and temperatures
+    rms = (ms[:, :K] / ms[:, K:]).sqrt().float() / scale[:, None]    # [G,K]
+    coef = 1.0 / (scale[:, None] * (rms.clamp_min(1e-4) if drift_norm else torch.ones_like(rms)))   # [G,K]
+    V = torch.bmm(coef[seg][:, None], forces.view(B, K, N * D)).view(B, N, D)   # the normalised sum over temperatures
+    info = {"scale": scale, "mean_dist": S, "drift_norm": rms}
+    if groups is None: info = {k: v[0] for k, v in info.items()}
+    return V, info
 
 # %% ../nbs/00_drift.ipynb #78a261f3
 class _DriftRegression(torch.autograd.Function):
-    """mean((gen/s - stopgrad(gen/s + V))**2) without [B,N,D] temporaries: the value is mean(V**2) and the gradient
-    with respect to gen is -2 V / (s * numel). gen [B,N,D], V [B,N,D] (normalised units), s scalar feature scale."""
+    """Per group g: mean((gen/s_g - stopgrad(gen/s_g + V))**2) without [B,N,D] temporaries; the value is mean(V**2)
+    over the group and the gradient with respect to gen is -2 V / (s_g * numel_g). gen [B,N,D], V [B,N,D] (normalised
+    units), s [G] feature scales, seg [B] group of each problem. Returns [G]."""
     @staticmethod
-    def forward(ctx, gen, V, s):
-        ctx.save_for_backward(V, s)
+    def forward(ctx, gen, V, s, seg):
+        G = s.shape[0]
+        count = _group_sum(torch.full_like(seg, V[0].numel(), dtype=torch.float64), seg, G)   # [G] elements per group
+        ctx.save_for_backward(V, s, seg, count)
         ctx.gen_dtype = gen.dtype
-        return torch.linalg.vector_norm(V).square() / V.numel()
+        return (_group_sum(torch.linalg.vector_norm(V.flatten(1), dim=1).square_(), seg, G) / count).float()
     @staticmethod
     def backward(ctx, g):
-        V, s = ctx.saved_tensors
-        return (V * (g * (-2.0 / V.numel()) / s)).to(ctx.gen_dtype), None, None   # one pass over [B,N,D]
+        V, s, seg, count = ctx.saved_tensors
+        coef = (g.double() * -2.0 / (count * s.double())).float()[seg]   # [B]
+        return (V * coef[:, None, None]).to(ctx.gen_dtype), None, None, None   # one pass over [B,N,D]
 
 @_float32
-def feature_drifting_loss(gen: Tensor, pos: Tensor, neg: Tensor | None = None, neg_weight=None, **kw):
+def feature_drifting_loss(gen: Tensor, pos: Tensor, neg: Tensor | None = None, neg_weight=None, groups=None, **kw):
     """Eq. (13)/(6) in a normalised feature space, summed over temperatures (Sec. 3.4, A.6).
     gen [B,N,D] with grad (B problems = class x feature location), pos [B,P,D], neg [B,M,D] weighted CFG negatives,
     neg_weight float | [M] | [B,M]; keywords as `feature_drift` (global_batch=True in a multi-process run).
-    Returns (scalar float32 loss, info dict), whatever the caller's autocast.
+    Returns (scalar float32 loss, info dict), whatever the caller's autocast; with `groups` (sizes of consecutive runs
+    of problems, one feature each) the loss is [G], one value per group, each as if computed alone.
     The value and gradient are those of mean((gen/s - stopgrad(gen/s + V))**2), s = info["scale"]."""
-    V, info = feature_drift(gen.detach(), pos.detach(), None if neg is None else neg.detach(), neg_weight, **kw)
-    loss = _DriftRegression.apply(gen, V, info["scale"])
-    return loss, info
+    V, info = feature_drift(gen.detach(), pos.detach(), None if neg is None else neg.detach(), neg_weight,
+                            groups=groups, **kw)
+    seg, _ = _segments(groups, gen.shape[0], gen.device)
+    loss = _DriftRegression.apply(gen, V, info["scale"].reshape(-1), seg)
+    return (loss[0] if groups is None else loss), info
 
 # %% ../nbs/00_drift.ipynb #c4eb3237
 def alpha_to_weight(alpha, n_neg: int, n_unc: int):

@@ -14,11 +14,11 @@ from torch import Tensor
 from .drift import feature_drifting_loss
 
 # %% auto #0
-__all__ = ['ARCH', 'ENCODER_KINDS', 'FEATURE_SETS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'CONVNEXTV2_CHECKPOINT', 'gn_groups',
-           'GroupNorm', 'group_norm', 'BasicBlock', 'ResNetEncoder', 'build_encoder', 'map_stats', 'mae_activations',
-           'extract_features', 'feature_table', 'multi_feature_drifting_loss', 'TorchvisionResNetFeatures',
-           'backbone_state_dict', 'load_resnet50', 'ConvNeXtV2Features', 'convnextv2_features', 'with_vae_decoder',
-           'merge_feature_fns', 'save_encoder', 'load_encoder']
+__all__ = ['ARCH', 'ENCODER_KINDS', 'FEATURE_SETS', 'GROUP_ELEMS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'CONVNEXTV2_CHECKPOINT',
+           'gn_groups', 'GroupNorm', 'group_norm', 'BasicBlock', 'ResNetEncoder', 'build_encoder', 'map_stats',
+           'mae_activations', 'extract_features', 'feature_table', 'key_groups', 'multi_feature_drifting_loss',
+           'TorchvisionResNetFeatures', 'backbone_state_dict', 'load_resnet50', 'ConvNeXtV2Features',
+           'convnextv2_features', 'with_vae_decoder', 'merge_feature_fns', 'save_encoder', 'load_encoder']
 
 # %% ../nbs/03_features.ipynb #d20204a7
 def gn_groups(channels: int, max_groups: int = 32) -> int:
@@ -207,12 +207,28 @@ def _problems(f: Tensor, n_cls: int, n: int) -> Tensor:
     L, C = f.shape[1:]
     return f.reshape(n_cls, n, L, C).transpose(1, 2).reshape(n_cls * L, n, C)
 
+GROUP_ELEMS = 2 ** 25   # generated-feature entries per batched call (128 MiB in float32; a larger feature runs alone)
+
+def key_groups(f_gen: dict, group_elems: int = GROUP_ELEMS) -> list[list[str]]:
+    """Features batched into one drift call each: keys of the same width C and dtype, in phi's order, with at most
+    `group_elems` generated entries per call (a larger feature alone; 0: every feature alone). f_gen {key: [n,L,C]}."""
+    groups, open_ = [], {}                                  # open_: (C, dtype) -> index of its group still filling
+    for key, f in f_gen.items():
+        kind, size = (f.shape[-1], f.dtype), f.numel()
+        i = open_.get(kind)
+        if i is not None and group_elems and groups[i][1] + size <= group_elems:
+            groups[i][0].append(key); groups[i][1] += size
+        else:
+            open_[kind] = len(groups); groups.append([[key], size])
+    return [keys for keys, _ in groups]
+
 def multi_feature_drifting_loss(phi: Callable[[Tensor], dict], gen: Tensor, pos: Tensor, unc: Tensor | None = None,
-                                unc_weight=None, joint: bool = True, **drift_kw):
+                                unc_weight=None, joint: bool = True, group_elems: int = GROUP_ELEMS, **drift_kw):
     """Sum over features of `feature_drifting_loss` in phi's feature space (Eq. 13-14).
     gen [Nc,Nneg,*S] generated samples (with grad), pos [Nc,Npos,*S] same-class reals, unc [Nc,Nunc,*S] reals of
     random classes (CFG negatives) weighted by unc_weight (float or [Nc], w from alpha). phi: [n,*S] ->
-    {key: [n,L,C]}. Each feature is Nc*L independent problems. Returns (loss, info): info[key] is the feature's loss,
+    {key: [n,L,C]}. Each feature is Nc*L independent problems with its own normalisation; features of the same width
+    are solved together (`key_groups`, one call each). Returns (loss, info): info[key] is the feature's loss,
     info['drift/'+key] its raw RMS drift in normalised units (mean over taus), the measure that falls as q nears p.
     drift_kw go to `feature_drifting_loss`: taus, ..., global_batch=True to normalise each feature over the problems
     of all processes (the release's global batch) when several share the batch."""
@@ -239,21 +255,23 @@ def multi_feature_drifting_loss(phi: Callable[[Tensor], dict], gen: Tensor, pos:
     else:
         f_gen = phi(gen.reshape(n_gen, *S))
         with torch.no_grad(): f_real = phi(real)
-    total, losses, drifts = 0.0, [], []
-    for key, fg in f_gen.items():
-        L = fg.shape[1]
-        g = _problems(fg, Nc, Nneg)                                  # [Nc*L, Nneg, C]
-        p = _problems(f_real[key][:Nc * Npos], Nc, Npos)             # [Nc*L, Npos, C]
-        u = _problems(f_real[key][Nc * Npos:], Nc, Nunc) if Nunc else None
-        uw = w.repeat_interleave(L)[:, None].expand(Nc * L, Nunc) if Nunc else None   # [Nc*L, Nunc]
-        loss, fi = feature_drifting_loss(g, p, u, uw, **drift_kw)
-        total = total + loss
-        losses.append(loss.detach())
-        drifts.append(fi["drift_norm"].float().mean())
-    if not losses: raise ValueError("phi returned no features")
-    stats = torch.stack([torch.stack(losses).float(), torch.stack(drifts)]).tolist()   # one device sync
-    info = dict(zip(f_gen, stats[0]))
-    info.update({f"drift/{k}": v for k, v in zip(f_gen, stats[1])})
+    if not f_gen: raise ValueError("phi returned no features")
+    total, losses, drifts = 0.0, {}, {}
+    for keys in key_groups(f_gen, group_elems):
+        cat = lambda parts: parts[0] if len(parts) == 1 else torch.cat(parts)
+        L = [f_gen[k].shape[1] for k in keys]
+        g = cat([_problems(f_gen[k], Nc, Nneg) for k in keys])                      # [sum Nc*L, Nneg, C]
+        p = cat([_problems(f_real[k][:Nc * Npos], Nc, Npos) for k in keys])         # [sum Nc*L, Npos, C]
+        u = cat([_problems(f_real[k][Nc * Npos:], Nc, Nunc) for k in keys]) if Nunc else None
+        uw = cat([w.repeat_interleave(l) for l in L])[:, None].expand(-1, Nunc) if Nunc else None   # [sum Nc*L, Nunc]
+        loss, fi = feature_drifting_loss(g, p, u, uw, groups=[Nc * l for l in L], **drift_kw)   # [G]: one per key
+        total = total + loss.sum()
+        losses.update(zip(keys, loss.detach()))
+        drifts.update(zip(keys, fi["drift_norm"].float().mean(-1)))
+    keys = list(f_gen)
+    stats = torch.stack([torch.stack([losses[k] for k in keys]).float(), torch.stack([drifts[k] for k in keys])]).tolist()
+    info = dict(zip(keys, stats[0]))                        # one device sync for all the numbers
+    info.update({f"drift/{k}": v for k, v in zip(keys, stats[1])})
     return total, info
 
 # %% ../nbs/03_features.ipynb #fe8ee3b7
