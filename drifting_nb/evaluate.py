@@ -22,10 +22,10 @@ from . import run as _run
 
 # %% auto #0
 __all__ = ['IMAGE_KEYS', 'DEFAULT_ALPHAS', 'feature_stats', 'frechet_distance', 'inception_score', 'precision_recall',
-           'DigitsClassifier', 'cache_dir', 'train_digits_classifier', 'DigitsScorer', 'DigitsFeatureExtractor',
-           'resolve_extractor', 'to_extractor_input', 'FidelityFeatures', 'load_ref_stats', 'load_images',
-           'iter_batches', 'compute_ref_stats', 'save_ref_stats', 'metrics_from_features', 'evaluate_alpha',
-           'evaluate_run', 'evaluate_parser', 'main']
+           'DigitsClassifier', 'cache_dir', 'train_digits_classifier', 'class_spread', 'DigitsScorer',
+           'DigitsFeatureExtractor', 'resolve_extractor', 'to_extractor_input', 'FidelityFeatures', 'load_ref_stats',
+           'load_images', 'iter_batches', 'compute_ref_stats', 'save_ref_stats', 'metrics_from_features',
+           'evaluate_alpha', 'evaluate_run', 'evaluate_parser', 'main']
 
 # %% ../nbs/08_evaluate.ipynb #74b56393
 def feature_stats(feats: Tensor) -> dict:
@@ -141,25 +141,49 @@ def train_digits_classifier(x, y, seed: int = 0, steps: int = 400, batch_size: i
     _CLASSIFIERS[key] = net
     return net
 
+# %% ../nbs/08_evaluate.ipynb #c567e084
+def class_spread(x: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    "Total variance (trace of the covariance) of x [n,D] within each class: float64 [num_classes], NaN under 2 samples."
+    out = torch.full((num_classes,), float("nan"), dtype=torch.float64)
+    for c in range(num_classes):
+        xc = x[labels == c]
+        if len(xc) > 1: out[c] = xc.double().var(0).sum()
+    return out
+
 # %% ../nbs/08_evaluate.ipynb #88c15242
+def _mean(r: Tensor):
+    "Mean of the finite entries of r, None when there are none."
+    r = r[~r.isnan()]
+    return float(r.mean()) if len(r) else None
+
 class DigitsScorer:
     """Scores generated digits with a classifier trained on the training split (issue 6):
     `acc` (samples classified as their conditioning label), `fd` (Fréchet distance in the classifier's 64-d feature
     space to the held-out digits), `fd_floor` (the same for as many real training digits), `real_acc` (the
     classifier's accuracy on the held-out digits), `isc` (Inception-style score of the classifier's logits, at most
-    10). Digits are [n,1,8,8] in [-1,1]."""
-    def __init__(self, train_x, train_y, heldout_x, heldout_y, seed: int = 0, cache: Path | str | None = None):
+    10); and their diversity (issue 14): `spread` (per class, the total variance of the samples in the feature space
+    over that of the held-out digits, averaged over the classes; 1 = as varied as real digits), `spread_min` (the
+    lowest class), `spread_per_class` (one ratio per class), `pixel_spread` (`spread` in a `pca_components`-component
+    PCA of the training digits' pixels), `precision` and `recall` (k-NN manifolds, k = 3, of the features against the
+    held-out digits'). Digits are [n,1,8,8] in [-1,1]."""
+    def __init__(self, train_x, train_y, heldout_x, heldout_y, seed: int = 0, cache: Path | str | None = None,
+                 pca_components: int = 20):
         self.train_x, self.train_y = _as_digits(train_x, "training digits"), torch.as_tensor(train_y).long().cpu()
         self.heldout_x, self.heldout_y = _as_digits(heldout_x, "held-out digits"), torch.as_tensor(heldout_y).long().cpu()
         if len(self.heldout_x) != len(self.heldout_y): raise ValueError("held-out digits and labels differ in length")
         self.seed = seed
         self.net = train_digits_classifier(self.train_x, self.train_y, seed=seed, cache=cache)
         self.num_classes = self.net.head.out_features
-        f_held, l_held = self.features(self.heldout_x)
-        self.heldout_stats = feature_stats(f_held)
+        self.heldout_feats, l_held = self.features(self.heldout_x)
+        self.heldout_stats = feature_stats(self.heldout_feats)
         self.real_acc = float((l_held.argmax(1) == self.heldout_y).float().mean())
         self._train_feats = self.features(self.train_x)[0]
         self._floors: dict = {}
+        flat = self.train_x.flatten(1)                                                            # [n,64]
+        self._pixel_mean = flat.mean(0)
+        self._pixel_axes = torch.linalg.svd(flat - self._pixel_mean, full_matrices=False).Vh[:pca_components].T   # [64,k]
+        self.real_spread = class_spread(self.heldout_feats, self.heldout_y, self.num_classes)            # [C]
+        self.real_pixel_spread = class_spread(self.pixel_pca(self.heldout_x), self.heldout_y, self.num_classes)
 
     @classmethod
     def default(cls, seed: int = 0, held_out: float = 0.2, **kw):
@@ -175,6 +199,10 @@ class DigitsScorer:
         outs = [self.net(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
         return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
+    def pixel_pca(self, x) -> Tensor:
+        "Digits x [n,1,8,8] in the PCA space of the training digits' pixels: [n,pca_components]."
+        return (_as_digits(x).flatten(1) - self._pixel_mean) @ self._pixel_axes
+
     def fd_floor(self, n: int) -> float:
         "FD between min(n, n_train) real training digits (a fixed random subset) and the held-out digits."
         n = min(int(n), len(self._train_feats))
@@ -184,16 +212,25 @@ class DigitsScorer:
         return self._floors[n]
 
     def score(self, samples, labels) -> dict:
-        "dict(acc, fd, fd_floor, real_acc, isc, n) for generated digits [n,1,8,8] in [-1,1] and their labels [n]."
-        x = _as_digits(samples)
+        """dict(acc, fd, fd_floor, real_acc, isc, spread, spread_min, spread_per_class, pixel_spread, precision, recall, n)
+        for generated digits [n,1,8,8] in [-1,1] and their labels [n]. Classes with under 2 samples have no spread
+        (None in `spread_per_class`); precision and recall need more than 3 samples (else None)."""
+        x = _as_digits(samples).clamp(-1, 1)
         labels = torch.as_tensor(labels).long().cpu()
         if len(labels) != len(x): raise ValueError(f"{len(x)} samples but {len(labels)} labels")
         if len(x) < 2: raise ValueError("scoring needs at least 2 samples")
-        f, logits = self.features(x.clamp(-1, 1))
+        if labels.min() < 0 or labels.max() >= self.num_classes:
+            raise ValueError(f"labels must lie in 0..{self.num_classes - 1}, got {int(labels.min())}..{int(labels.max())}")
+        f, logits = self.features(x)
+        spread = class_spread(f, labels, self.num_classes) / self.real_spread                        # [C]
+        pixel_spread = class_spread(self.pixel_pca(x), labels, self.num_classes) / self.real_pixel_spread
+        precision, recall = precision_recall(f, self.heldout_feats) if len(x) > 3 else (None, None)
         return dict(acc=float((logits.argmax(1) == labels).float().mean()),
                     fd=frechet_distance(feature_stats(f), self.heldout_stats),
-                    fd_floor=self.fd_floor(len(x)), real_acc=self.real_acc,
-                    isc=inception_score(logits)[0], n=len(x))
+                    fd_floor=self.fd_floor(len(x)), real_acc=self.real_acc, isc=inception_score(logits)[0],
+                    spread=_mean(spread), spread_min=None if spread.isnan().all() else float(spread[~spread.isnan()].min()),
+                    spread_per_class=[None if r.isnan() else round(float(r), 4) for r in spread],
+                    pixel_spread=_mean(pixel_spread), precision=precision, recall=recall, n=len(x))
 
 # %% ../nbs/08_evaluate.ipynb #80e812e2
 class DigitsFeatureExtractor(FeatureExtractorBase):

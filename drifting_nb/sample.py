@@ -4,7 +4,7 @@
 
 # %% ../nbs/08b_sample.ipynb #6f0080bd
 from __future__ import annotations
-import argparse, math, os, sys, tempfile, zipfile
+import argparse, json, math, os, sys, tempfile, warnings, zipfile
 from pathlib import Path
 import numpy as np
 import torch
@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from .run import balanced_labels, make_labels, run_device, check_alpha, iter_samples, default_device, open_run, generate, load_run   # notebook 07a
 
 # %% auto #0
-__all__ = ['MAX_GRID', 'write_npz', 'save_npz', 'grid_nrow', 'save_grid', 'sample_parser', 'main']
+__all__ = ['MAX_GRID', 'write_npz', 'save_npz', 'grid_nrow', 'save_grid', 'run_alpha', 'sample_parser', 'main']
 
 # %% ../nbs/08b_sample.ipynb #6f7a7b36
 def _atomic_target(path: Path):
@@ -70,6 +70,22 @@ def save_grid(path, samples: np.ndarray, nrow: int = 8, padding: int = 1) -> Pat
         if tmp.exists(): tmp.unlink()
     return path
 
+# %% ../nbs/08b_sample.ipynb #30b1ecd2
+def run_alpha(run_dir) -> tuple[float, str]:
+    """The CFG scale to sample the run folder `run_dir` at when none is given, and a sentence saying why: the best
+    alpha of its final evaluation (`scores.json`, key 'alpha'), else 1.0. An unreadable scores.json: a warning, 1.0."""
+    path = Path(run_dir) / "scores.json"
+    if not path.exists(): return 1.0, f"alpha 1 (no guidance): {path} does not exist; pass --alpha to choose"
+    try:
+        scores = json.loads(path.read_text())
+        alpha = float(scores["alpha"])
+        if not (math.isfinite(alpha) and alpha >= 1): raise ValueError(f"its alpha {alpha} is not a CFG scale >= 1")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        warnings.warn(f"{path} could not be read ({type(e).__name__}: {e}); sampling at alpha 1")
+        return 1.0, f"alpha 1 (no guidance): no best CFG scale in {path}; pass --alpha to choose"
+    by = next((f" ({k} {scores[k]:.3g})" for k in ("fd", "fid") if isinstance(scores.get(k), (int, float))), "")
+    return alpha, f"alpha {alpha:g}: the best CFG scale in {path}{by}; pass --alpha to choose"
+
 # %% ../nbs/08b_sample.ipynb #837ea738
 MAX_GRID = 10_000                                          # samples in one PNG grid
 
@@ -81,7 +97,8 @@ def sample_parser() -> argparse.ArgumentParser:
     src.add_argument("--release", help="a released model of the authors (name such as latent_L_sota, or its artifact folder)")
     p.add_argument("--vae", default=None, help="with --release: SD-VAE hub id or local folder (default stabilityai/sd-vae-ft-mse)")
     p.add_argument("--num-samples", type=int, required=True, help="how many samples")
-    p.add_argument("--alpha", type=float, default=1.0, help="CFG scale alpha (Sec. 3.5); 1 = no guidance")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="CFG scale alpha (Sec. 3.5); 1 = no guidance (default: the best alpha in the run's scores.json, else 1)")
     p.add_argument("--labels", type=int, nargs="*", default=None,
                    help="class labels, cycled to --num-samples (default: a balanced cycle over all classes)")
     p.add_argument("--batch-size", type=int, default=250, help="samples per network call")
@@ -101,6 +118,9 @@ def main(argv=None):
     if args.num_samples < 1: raise SystemExit(f"--num-samples must be positive, got {args.num_samples}")
     if out.suffix.lower() == ".png" and args.num_samples > MAX_GRID:
         raise SystemExit(f"a PNG grid holds at most {MAX_GRID} samples, got --num-samples {args.num_samples}; write an .npz")
+    if args.alpha is None:
+        args.alpha, why = run_alpha(args.run) if args.run else (1.0, "alpha 1 (no guidance) for a released model; pass --alpha to choose")
+        print(why, file=sys.stderr)
     try: check_alpha(args.alpha)
     except ValueError as e: raise SystemExit(str(e)) from None
     device = args.device or default_device()

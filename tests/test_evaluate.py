@@ -54,10 +54,11 @@ class DigitsRun:
     def __init__(self, best=2.0):
         s = digits_split()
         self.by_class = [s.x_train[s.y_train == c] for c in range(10)]
-        self.best, self.calls = best, 0
+        self.best, self.calls, self.alphas = best, 0, []
 
     def sample(self, labels, alpha, generator=None):
         self.calls += 1
+        self.alphas.append(alpha)
         idx = [int(torch.randint(0, len(self.by_class[c]), (1,), generator=generator)) for c in labels.tolist()]
         x = torch.stack([self.by_class[c][i] for c, i in zip(labels.tolist(), idx)])
         x = x + 0.4 * abs(alpha - self.best) * torch.randn(x.shape, generator=generator)
@@ -110,6 +111,24 @@ def test_sample_bad_input(standin, tmp_path):
         sample_mod.main(["--run", str(tmp_path / "run"), "--num-samples", "4", "--labels", "10", "--out", str(tmp_path / "x.npz")])
     with pytest.raises(SystemExit, match=r"\.npz or \.png"):
         sample_mod.main(["--run", str(tmp_path / "run"), "--num-samples", "4", "--out", str(tmp_path / "x.jpg")])
+
+
+def test_sample_default_alpha_is_the_runs_best(standin, tmp_path, capsys):
+    run_dir, out = tmp_path / "run", str(tmp_path / "s.npz")
+    sample = lambda *extra: sample_mod.main(["--run", str(run_dir), "--num-samples", "4", "--out", out, *extra])
+    sample()                                                              # no scores.json: no guidance, and it says so
+    assert standin.alphas[-1] == 1.0 and "alpha 1" in capsys.readouterr().err
+    (run_dir / "scores.json").write_text(json.dumps({"acc": 0.98, "fd": 5.08, "alpha": 2.5, "sweep": {"1.0": {}, "2.5": {}}}))
+    sample()                                                              # the best CFG scale of the run's final evaluation
+    err = capsys.readouterr().err
+    assert standin.alphas[-1] == 2.5 and "alpha 2.5" in err and str(run_dir / "scores.json") in err and "fd 5.08" in err
+    sample("--alpha", "1.5")                                              # an explicit --alpha wins, silently
+    assert standin.alphas[-1] == 1.5 and "scores.json" not in capsys.readouterr().err
+    for bad in ("{not json", json.dumps({"fd": 5.0}), json.dumps({"alpha": "high"}), json.dumps({"alpha": 0.5}), "[2.5]"):
+        (run_dir / "scores.json").write_text(bad)
+        with pytest.warns(UserWarning, match="scores.json could not be read"):
+            sample()                                                      # named in a warning; sampling goes on at 1
+        assert standin.alphas[-1] == 1.0 and "alpha 1" in capsys.readouterr().err
 
 
 def test_load_run_errors(tmp_path):
@@ -238,6 +257,22 @@ def test_digits_scorer_real_and_noise(split, halves):
     noise = scorer.score(torch.rand(len(gen_idx), 1, 8, 8, generator=g) * 2 - 1, split.y_test[gen_idx])
     assert noise["acc"] < 0.3 and noise["fd"] > 20 * noise["fd_floor"]
     assert set(real) >= {"acc", "fd", "fd_floor", "real_acc", "isc"} and real["isc"] > noise["isc"]
+    # diversity: unseen real digits are about as spread as the reference half, and cover it
+    assert 0.7 < real["spread"] < 1.3 and 0.7 < real["pixel_spread"] < 1.3 and len(real["spread_per_class"]) == 10
+    assert real["precision"] > 0.7 and real["recall"] > 0.7
+    json.dumps(real)                                                      # scores.json and metrics.jsonl take it as is
+
+
+def test_digits_scorer_sees_a_collapsed_generator(split):
+    "Every sample a copy of one real digit of its class: accurate and realistic, but with no spread and no recall."
+    scorer = ev.DigitsScorer.default()
+    labels = torch.arange(200) % 10
+    one_each = torch.stack([split.x_train[split.y_train == c][0] for c in range(10)])
+    s = scorer.score(one_each[labels], labels)
+    assert s["acc"] > 0.9 and s["precision"] > 0.9
+    assert s["spread"] == s["spread_min"] == s["pixel_spread"] == 0 and s["recall"] < 0.05
+    real = scorer.score(split.x_train[:200], split.y_train[:200])
+    assert real["spread"] > 0.7 and real["recall"] > 0.5
 
 
 def test_digits_scorer_inputs(split):

@@ -135,6 +135,8 @@ def test_default_digits_job_scores_itself(tmp_path):
     assert 0 <= scores["acc"] <= 1 and scores["fd"] > scores["fd_floor"] > 0
     assert (out / "cfg_sweep.png").is_file() and (out / "samples_per_class.png").is_file()
     assert "eval" in _rows(out)[-1]
+    diversity = {"spread", "spread_min", "spread_per_class", "pixel_spread", "precision", "recall"}   # issue 14
+    assert diversity <= set(scores) and diversity <= set(_rows(out)[-1]["eval"]) and len(scores["spread_per_class"]) == 10
     # OMP_NUM_THREADS=1 (what `accelerate launch` exports) does not confine a one-process CPU run to one core
     assert f"{max(1, len(os.sched_getaffinity(0)))} CPU thread(s) each" in r.stdout
 
