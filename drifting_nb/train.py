@@ -24,7 +24,7 @@ from .run import (sample_shape, load_vae, make_decode, build_model, list_checkpo
 # %% auto #0
 __all__ = ['RELEASE_CFG_LIST', 'PRESETS', 'TrainConfig', 'check_config', 'toy_presets', 'all_preset_names', 'get_config',
            'parse_args', 'resolve_config', 'build_dataset', 'load_feature_encoder', 'encoder_dir', 'pretrain_encoder',
-           'build_phi', 'draw_step', 'save_sample_grid', 'train', 'queue_push_per_process', 'fid_scores',
+           'build_phi', 'draw_step', 'save_sample_grid', 'train', 'score_line', 'queue_push_per_process', 'fid_scores',
            'evaluate_during_training', 'evaluate_run_model', 'main']
 
 # %% ../nbs/07_train.ipynb #a630482d
@@ -53,6 +53,7 @@ class TrainConfig:
     mae_overrides: dict = field(default_factory=dict)   # ... with these MAEConfig overrides
     extra_encoder: str = ""            # e.g. "convnextv2:PATH_OR_NAME" (pixel recipes add ConvNeXt-V2 features)
     feature_set: str = "a-d"           # a-b | a-c | a-d (A.5 ablation)
+    feature_cache: bool = False        # remember the frozen encoder's features of queued real samples (memory for time)
     # drifting (Table 8)
     Nc: int = 10
     Npos: int = 32
@@ -468,7 +469,8 @@ def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_constant(cfg.warmup_steps, cfg.lr))
     model, opt = accelerator.prepare(model, opt)
     emas = [AveragedModel(unwrap_model(model), multi_avg_fn=get_ema_multi_avg_fn(d)) for d in cfg.ema_decays]
-    from drifting_nb.features import multi_feature_drifting_loss
+    from drifting_nb.features import multi_feature_drifting_loss, FeatureCache
+    phi_real = FeatureCache(phi, cfg.num_classes * cfg.queue_per_class + cfg.queue_global) if cfg.feature_cache else None
 
     step = 0
     if found:                                                        # exact resume: every state of every process
@@ -506,7 +508,7 @@ def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None) -> dict:
                     # the encoder is frozen and in eval mode: the real samples' features need no graph (joint=False)
                     loss, info = multi_feature_drifting_loss(phi, x.float().view(m_micro, cfg.Nneg, *S), pos, unc, w,
                                                              joint=False, taus=cfg.taus, global_batch=world > 1,
-                                                             min_affinity=cfg.min_affinity)
+                                                             min_affinity=cfg.min_affinity, phi_real=phi_real)
                 if fault_hook is not None: loss = fault_hook(step + 1, loss)
                 bad = accelerator.reduce(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device), "sum")
                 if bad.item() > 0:
@@ -538,7 +540,9 @@ def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None) -> dict:
             save_sample_grid(emas[0].module, cfg, decode, out / "samples" / f"step_{step:08d}.png", cfg.sample_alpha, device)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
             scores = evaluate_during_training(emas[0].module, cfg, device, decode, accelerator)   # every process
-            if scores and main: log_metrics(out, dict(step=step, eval=scores)); accelerator.log(_flat_scores(scores), step=step)
+            if scores and main:
+                log_metrics(out, dict(step=step, eval=scores)); accelerator.log(_flat_scores(scores), step=step)
+                tqdm.write(f"step {step}: " + score_line(scores))
         if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
             last_ckpt = save_checkpoint(accelerator, out, step, cfg, model, opt, sched, emas, rank_state(), cfg.keep_ckpts)
     bar.close()
@@ -548,10 +552,22 @@ def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None) -> dict:
         if scores:
             log_metrics(out, dict(step=step, eval=scores)); accelerator.log(_flat_scores(scores), step=step)
             summary["eval"] = scores
+            one = (scores.get("sweep") or {}).get("1.0")
+            print(f"{out / 'scores.json'}: best {score_line(scores)}"
+                  + (f"\n  at alpha 1.0: {score_line(dict(one, alpha=1.0))}" if one and scores.get("alpha") != 1.0 else ""))
     accelerator.end_training()
     return summary
 
 # %% ../nbs/07_train.ipynb #4acfa78e
+def score_line(s: dict) -> str:
+    "One line of an evaluation's numbers: FID/IS, or the digits scorer's accuracy, Frechet distance and spread."
+    if "fid" in s: return f"alpha {s.get('alpha', '?')}: FID {s['fid']:.2f}" + (f", IS {s['isc']:.1f}" if "isc" in s else "")
+    line = (f"alpha {s.get('alpha', '?')}: accuracy {s['acc']:.3f}, Frechet distance {s['fd']:.2f} "
+            f"({s['fd'] / s['fd_floor']:.1f}x the real-vs-real floor {s['fd_floor']:.2f})")
+    if s.get("spread") is not None: line += f", within-class spread {s['spread']:.2f} of real"
+    if s.get("recall") is not None: line += f", recall {s['recall']:.2f}"
+    return line
+
 def _flat_scores(scores: dict) -> dict:
     "TensorBoard scalars of an evaluation: eval/<metric> of the best alpha, and eval/<metric>@alpha=<a> of the sweep."
     flat = {f"eval/{k}": v for k, v in scores.items() if isinstance(v, (int, float))}

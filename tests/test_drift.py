@@ -96,6 +96,7 @@ def _half_of_the_batch(rank, store, data):
             loss.backward()
             V, _ = feature_drift(gen, pos, unc, w, global_batch=global_batch)
             out[global_batch] = dict(loss=loss.detach(), grad=x.grad, V=V, S=info["mean_dist"], rms=info["drift_norm"])
+        out["groups"] = feature_drift(gen, pos, unc, w, global_batch=True, groups=[1, 3])   # two features per process
         torch.save(out, f"{store}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -125,3 +126,10 @@ def test_global_batch_two_processes_equal_one(tmp_path):
     torch.testing.assert_close((halves[0][True]["loss"] + halves[1][True]["loss"]) / 2, loss.detach(), rtol=1e-5, atol=0)
     # without the reduction each half normalises on its own and the field differs
     assert rel(halves[0][False]["V"], V.chunk(2)[0]) > 1e-3
+    # features batched in one call (groups) are reduced over the processes each on its own: problems 0, 4 and 1-3, 5-7
+    order = [0, 4, 1, 2, 3, 5, 6, 7]
+    Vg, ig = feature_drift(*(d[order] for d in data), groups=[2, 6])
+    for r, h in enumerate(halves):
+        Vh, ih = h["groups"]
+        assert rel(Vh, Vg[[r, 2 + 3 * r, 3 + 3 * r, 4 + 3 * r]]) < 1e-5
+        torch.testing.assert_close(ih["drift_norm"], ig["drift_norm"], rtol=1e-5, atol=0)

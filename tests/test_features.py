@@ -267,3 +267,65 @@ def test_merge_and_save_load(tmp_path):
     (tmp_path / "enc" / "encoder.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="older drifting_nb architecture"):
         load_encoder(tmp_path / "enc")
+
+
+def _fixture_features():
+    "The per-key drift fixture: inputs by key and the drift each key got alone before keys were batched (18a0c59)."
+    from safetensors.torch import load_file
+    from pathlib import Path
+    t = load_file(str(Path(__file__).parent / "fixtures" / "per_key_drift.safetensors"))
+    keys = [k[4:] for k in t if k.startswith("gen.")]
+    return t, keys
+
+
+def test_batched_features_equal_each_feature_alone():
+    "Features batched by width (one call, groups) get the drift each got alone in the old one-call-per-feature loss."
+    from drifting_nb.drift import feature_drift
+    from drifting_nb.features import _problems, key_groups
+    t, keys = _fixture_features()
+    Nc, Nneg = 3, 8
+    Npos = 10
+    f_gen = {k: t[f"gen.{k}"] for k in keys}
+    groups = key_groups(f_gen)
+    assert len(groups) == 3 and sorted(map(len, groups)) == [1, 1, 4]    # widths 8 (4 keys), 16 and 1
+    for name, kw in (("xy", {}), ("floor6", dict(min_affinity=1e-6))):
+        for ks in groups:
+            parts = []
+            for k in ks:
+                L, r = t[f"gen.{k}"].shape[1], t[f"real.{k}"]
+                parts.append((_problems(t[f"gen.{k}"], Nc, Nneg), _problems(r[:Nc * Npos], Nc, Npos),
+                              _problems(r[Nc * Npos:], Nc, 4), t["unc_weight"].repeat_interleave(L)[:, None].expand(-1, 4)))
+            cat = [torch.cat([p[i] for p in parts]) for i in range(4)]
+            V, info = feature_drift(*cat, groups=[p[0].shape[0] for p in parts], **kw)
+            for k, v, rms in zip(ks, V.split([p[0].shape[0] for p in parts]), info["drift_norm"]):
+                want = t[f"V.{name}.{k}"]
+                assert rel(v, want) < 1e-5, (name, k, rel(v, want))
+                torch.testing.assert_close(rms, t[f"drift_norm.{name}.{k}"], rtol=1e-5, atol=0)
+
+
+def rel(a, b): return ((a - b).norm() / b.norm()).item()
+
+
+def test_multi_feature_loss_batched_equals_per_feature():
+    "multi_feature_drifting_loss: each feature's loss and gradient are those of the old per-feature calls."
+    t, keys = _fixture_features()
+    Nc, Nneg = 3, 8
+    leaves = {k: t[f"gen.{k}"].clone().requires_grad_() for k in keys}
+    def phi(x):   # x holds row indices: the generated rows (24) or the real ones (42)
+        i = x.reshape(len(x)).long()
+        return {k: (leaves[k] if len(x) == Nc * Nneg else t[f"real.{k}"])[i] for k in keys}
+    gen = torch.arange(Nc * Nneg, dtype=torch.float32).reshape(Nc, Nneg, 1)
+    real = torch.arange(Nc * 14, dtype=torch.float32)
+    pos, unc = real[:30].reshape(Nc, 10, 1), real[30:].reshape(Nc, 4, 1)
+    out = {}
+    for group_elems in (0, 10 ** 9):                            # one call per feature, all features of a width in one
+        for v in leaves.values(): v.grad = None
+        loss, info = multi_feature_drifting_loss(phi, gen, pos, unc, t["unc_weight"], joint=False, group_elems=group_elems)
+        loss.backward()
+        out[group_elems] = (info, {k: v.grad.clone() for k, v in leaves.items()})
+    for k in keys:
+        want = t[f"V.xy.{k}"].reshape(Nc, -1, *t[f"V.xy.{k}"].shape[1:]).transpose(1, 2).reshape(t[f"gen.{k}"].shape)
+        for info, grads in out.values():
+            test_loss = (want ** 2).mean().item()                  # the loss of a feature is mean(V**2)
+            assert abs(info[k] - test_loss) <= 1e-5 * test_loss, (k, info[k], test_loss)
+            assert rel(grads[k] / grads[k].norm(), -want / want.norm()) < 1e-5, k   # the gradient is -V, scaled
