@@ -4,7 +4,7 @@
 
 # %% ../nbs/06a_runtime.ipynb #04438f03
 from __future__ import annotations
-import ctypes, errno, json, os, random, signal, socket, subprocess, sys, threading, time
+import ctypes, errno, json, math, os, random, signal, socket, subprocess, sys, threading, time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,8 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 # %% auto #0
-__all__ = ['process_state', 'cpu_threads', 'atomic_write', 'disk_full', 'save_state', 'load_state', 'rng_state', 'set_rng_state',
-           'RunFolderBusy', 'RunLock', 'run_child', 'watch_parent']
+__all__ = ['LR_SCHEDULES', 'process_state', 'cpu_threads', 'atomic_write', 'disk_full', 'warmup_lr', 'save_state', 'load_state',
+           'rng_state', 'set_rng_state', 'RunFolderBusy', 'RunLock', 'run_child', 'watch_parent']
 
 # %% ../nbs/06a_runtime.ipynb #c1dc38cf
 def process_state() -> PartialState:
@@ -66,6 +66,18 @@ def disk_full(err: BaseException, where=None, margin: int = 1 << 20) -> bool:
         try: return os.statvfs(where).f_bavail * os.statvfs(where).f_frsize < margin
         except OSError: return False
     return False
+
+# %% ../nbs/06a_runtime.ipynb #85bfd432
+LR_SCHEDULES = ("constant", "cosine")
+
+def warmup_lr(step: int, lr: float, warmup: int, total: int, schedule: str = "constant", init: float = 1e-6) -> float:
+    """Learning rate of update `step` (0-based): linear from `init` to `lr` over `warmup` updates, then constant, or
+    ("cosine") a half cosine from `lr` to 0 at update `total`."""
+    if schedule not in LR_SCHEDULES: raise ValueError(f"lr schedule must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")
+    if step < warmup: return init + (lr - init) * step / warmup
+    if schedule == "constant": return lr
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr * 0.5 * (1 + math.cos(math.pi * t))
 
 # %% ../nbs/06a_runtime.ipynb #a4de172f
 def _pack(obj, tensors: dict):

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .drift import alpha_to_weight, sample_alpha
 from .generator import unwrap_model
-from .runtime import cpu_threads, process_state, RunLock, run_child
+from .runtime import cpu_threads, process_state, RunLock, run_child, warmup_lr, LR_SCHEDULES
 from .run import (sample_shape, load_vae, make_decode, build_model, list_checkpoints, latest_checkpoint,
                              check_resumable, save_checkpoint, load_checkpoint, remove_partial_checkpoints,
                              truncate_metrics, log_metrics, Run, load_run)
@@ -24,8 +24,8 @@ from .run import (sample_shape, load_vae, make_decode, build_model, list_checkpo
 # %% auto #0
 __all__ = ['RELEASE_CFG_LIST', 'PRESETS', 'TrainConfig', 'check_config', 'toy_presets', 'all_preset_names', 'get_config',
            'parse_args', 'resolve_config', 'build_dataset', 'load_feature_encoder', 'encoder_dir', 'pretrain_encoder',
-           'build_phi', 'draw_step', 'save_sample_grid', 'train', 'score_line', 'queue_push_per_process', 'fid_scores',
-           'evaluate_during_training', 'evaluate_run_model', 'main']
+           'build_phi', 'draw_step', 'lr_lambda', 'save_sample_grid', 'train', 'score_line', 'queue_push_per_process',
+           'fid_scores', 'evaluate_during_training', 'evaluate_run_model', 'main']
 
 # %% ../nbs/07_train.ipynb #a630482d
 @dataclass
@@ -74,6 +74,7 @@ class TrainConfig:
     lr: float = 2e-4
     weight_decay: float = 0.01
     warmup_steps: int = 5000
+    lr_schedule: str = "constant"      # after warmup: constant (the release) | cosine (to 0 at max_steps; short runs)
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 2.0
@@ -127,7 +128,7 @@ _RULES = {**{k: _whole(1) for k in ("Nc", "Npos", "Nneg", "max_steps", "log_ever
           "taus": _numbers(lambda v: v > 0, "one or more temperatures > 0, e.g. 0.02,0.05,0.2"),
           "ema_decays": _numbers(lambda v: 0 < v < 1, "one or more EMA decays in (0, 1), e.g. 0.999,0.9999"),
           "eval_alphas": _numbers(lambda v: v >= 1, "one or more finite CFG scales >= 1"),
-          "mixed_precision": _choice("auto", "no", "bf16", "fp16"), "queue_dtype": _choice("float32", "bfloat16", "uint8"),
+          "mixed_precision": _choice("auto", "no", "bf16", "fp16"), "lr_schedule": _choice(*LR_SCHEDULES), "queue_dtype": _choice("float32", "bfloat16", "uint8"),
           "space": _choice("pixel", "latent"), "dataset": _choice("digits", "cifar10", "imagefolder", "latents"),
           "encoder": _choice("mae", "none"), "feature_set": _choice("a-b", "a-c", "a-d")}
 
@@ -397,11 +398,9 @@ def _mixed_precision(cfg) -> str:
     if cfg.mixed_precision != "auto": return cfg.mixed_precision
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
-def _warmup_constant(warmup: int, lr: float, init: float = 1e-6):
-    """lr multiplier of update `step` (0-based), as the release's schedule: linear from `init` (1e-6) to `lr` over
-    `warmup` updates, then constant (Table 8)."""
-    if warmup <= 0: return lambda step: 1.0
-    return lambda step: (init + (lr - init) * min(step, warmup) / warmup) / lr
+def lr_lambda(cfg):
+    "LambdaLR multiplier of update `step` (0-based): the release's warmup, then cfg.lr_schedule (`runtime.warmup_lr`)."
+    return lambda step: warmup_lr(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.lr_schedule) / cfg.lr
 
 @torch.no_grad()
 def save_sample_grid(model, cfg, decode, path: Path, alpha: float, device, n_per_class: int = 8, seed: int = 0):
@@ -466,7 +465,7 @@ def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed * 104729 + rank)
     gen_dev = torch.Generator(device=device).manual_seed(cfg.seed * 15485863 + rank)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_constant(cfg.warmup_steps, cfg.lr))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     model, opt = accelerator.prepare(model, opt)
     emas = [AveragedModel(unwrap_model(model), multi_avg_fn=get_ema_multi_avg_fn(d)) for d in cfg.ema_decays]
     from drifting_nb.features import multi_feature_drifting_loss, FeatureCache

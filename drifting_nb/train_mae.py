@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 from .features import build_encoder, save_encoder, load_encoder
 from .runtime import (cpu_threads, process_state, RunLock, watch_parent, save_state, load_state,
-                                 rng_state, set_rng_state)
+                                 rng_state, set_rng_state, warmup_lr)
 from .mae import MAE, CropDataset, mae_loss, random_patch_mask, cls_lambda
 
 # %% auto #0
@@ -141,13 +141,8 @@ def make_dataset(cfg: MAEConfig, data_dir=None, seed: int = 0) -> Dataset:
 # %% ../nbs/04b_train_mae.ipynb #bc9673a0
 def lr_at(step: int, cfg: MAEConfig) -> float:
     "Learning rate of update `step` (0-based) of a run of cfg.steps updates."
-    if cfg.schedule not in ("constant", "cosine"):
-        raise ValueError(f"schedule must be 'constant' or 'cosine', got {cfg.schedule!r}")
     if cfg.ft_lr and step >= cfg.steps - cfg.ft_steps: return cfg.ft_lr
-    if step < cfg.warmup_steps: return 1e-6 + (cfg.lr - 1e-6) * step / cfg.warmup_steps
-    if cfg.schedule == "constant": return cfg.lr
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
+    return warmup_lr(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.schedule)
 
 # %% ../nbs/04b_train_mae.ipynb #cc390474
 def _checkpoints(output_dir: Path) -> list[Path]:

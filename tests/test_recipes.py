@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from drifting_nb.train import get_config, queue_push_per_process, _warmup_constant, RELEASE_CFG_LIST
+from drifting_nb.train import get_config, queue_push_per_process, lr_lambda, RELEASE_CFG_LIST
 
 CONFIGS = json.loads((Path(__file__).parent / "fixtures" / "release" / "configs.json").read_text())
 # preset -> (released config, hosts the authors ran it on: 64 TPU v6e for the ablation, 128 for the final models)
@@ -52,7 +52,7 @@ def test_queue_push_splits_over_processes():
 def test_warmup_is_the_releases_schedule():
     "optax.linear_schedule(1e-6, lr, warmup) joined with a constant: update 0 uses 1e-6, update `warmup` on uses lr."
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=4e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_constant(10, 4e-4))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(get_config("imagenet-latent-b2", lr=4e-4, warmup_steps=10)))
     lrs = []
     for _ in range(13): lrs.append(opt.param_groups[0]["lr"]); opt.step(); sched.step()
     want = [1e-6 + (4e-4 - 1e-6) * min(s, 10) / 10 for s in range(13)]
