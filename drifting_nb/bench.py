@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 
 # %% auto #0
-__all__ = ['RELEASE_URL', 'DEFAULT_SHAPES', 'DIGITS_STEP', 'DIGITS_MAE', 'matmul_gflops', 'package_root', 'git_repo', 'describe',
-           'export_ref', 'in_version', 'batched_loss', 'naive_loss', 'find_release_loss', 'load_release_loss',
-           'loss_flops', 'matmul_throughput', 'loss_impl', 'measure', 'loss_table', 'step_times', 'step_table', 'main']
+__all__ = ['RELEASE_URL', 'DEFAULT_SHAPES', 'DIGITS_STEP', 'DIGITS_MAE', 'matmul_gflops', 'cpu_name', 'package_root', 'git_repo',
+           'describe', 'export_ref', 'in_version', 'batched_loss', 'naive_loss', 'find_release_loss',
+           'load_release_loss', 'loss_flops', 'matmul_throughput', 'loss_impl', 'measure', 'loss_table', 'step_times',
+           'step_table', 'main']
 
 # %% ../nbs/10_bench.ipynb #dde1d472
 def _sync(device):
@@ -30,6 +31,15 @@ def matmul_gflops(n: int = 2048, device="cpu", repeat: int = 3) -> float:
     g = torch.Generator(device=device).manual_seed(0)
     a, b = (torch.randn(n, n, device=device, generator=g) for _ in range(2))
     return 2 * n**3 / _best_time(lambda: a @ b, device, repeat) / 1e9
+
+def cpu_name() -> str:
+    "The CPU's model name (Linux), else the platform's word for it."
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"): return line.split(":", 1)[1].strip()
+    except OSError: pass
+    import platform
+    return platform.processor() or platform.machine()
 
 # %% ../nbs/10_bench.ipynb #b0f2c604
 def package_root() -> Path:
@@ -60,7 +70,8 @@ def export_ref(repo, ref: str, dest) -> str:
     arc = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", rev.stdout.strip(), "drifting_nb"],
                          capture_output=True)
     if arc.returncode: raise ValueError(f"{ref} has no drifting_nb package: {arc.stderr.decode().strip()}")
-    with tarfile.open(fileobj=io.BytesIO(arc.stdout)) as tar: tar.extractall(dest, filter="data")
+    with tarfile.open(fileobj=io.BytesIO(arc.stdout)) as tar:        # our own archive; "data": no links out, on Pythons that have it
+        tar.extractall(dest, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     return rev.stdout.strip()
 
 # %% ../nbs/10_bench.ipynb #b20ae4a6
@@ -273,7 +284,8 @@ def step_times(settings: dict | None = None, mae: dict | None = None, steps: int
         wall = time.perf_counter() - t0
         rows = [json.loads(l) for l in open(f"{tmp}/run/metrics.jsonl")]
     secs = [r["effective_batch"] / r["imgs_per_s"] for r in rows if "imgs_per_s" in r and r["step"] > warmup]
-    return dict(seconds=secs, Nc=cfg.Nc, Nneg=cfg.Nneg, train_wall_s=wall, threads=threads or os.cpu_count())
+    return dict(seconds=secs, Nc=cfg.Nc, Nneg=cfg.Nneg, train_wall_s=wall, threads=threads,
+                device="cuda" if torch.cuda.is_available() else "cpu")
 
 # %% ../nbs/10_bench.ipynb #c5b1a03b
 def step_table(runs: dict, steps: int = 10, warmup: int = 2, rounds: int = 1, threads: int = 0, file=None):
@@ -296,30 +308,10 @@ def step_table(runs: dict, steps: int = 10, warmup: int = 2, rounds: int = 1, th
               f"{row['speedup']:>8.2f}", file=file, flush=True)
     return rows
 
-# %% ../nbs/10_bench.ipynb #6894b309
-def main(argv=None):
-    p = argparse.ArgumentParser(description="The digits training step and the feature drifting loss, before and after "
-                                            "a change, in one run (notebook 10_bench).")
-    p.add_argument("--only", choices=("matmul", "step", "loss"), help="run one part only (matmul: just the machine's speed)")
-    p.add_argument("--baseline", default="HEAD", help="git ref of the 'before' version (default HEAD: the last commit)")
-    p.add_argument("--steps", type=int, default=10, help="timed training steps per version (after --warmup)")
-    p.add_argument("--warmup", type=int, default=2, help="training steps left out of the timing")
-    p.add_argument("--rounds", type=int, default=1, help="alternate the versions' step runs this many times")
-    p.add_argument("--shapes", default=",".join(f"{b}x{d}" for b, d in DEFAULT_SHAPES), help="loss shapes BxD,BxD,...")
-    p.add_argument("--release", default=None, help=f"the authors' code (git clone {RELEASE_URL}), for their loss")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="of the loss table")
-    p.add_argument("--repeat", type=int, default=3, help="loss: best of this many timings")
-    p.add_argument("--threads", type=int, default=0, help="torch threads everywhere (0: this machine's cores)")
-    p.add_argument("--json", default=None, help="also write everything measured to this JSON file")
-    a = p.parse_args(argv)
-    shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
-    threads = a.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-    torch.set_num_threads(threads)
-    t0, res = time.perf_counter(), {}
-    res["gflops"] = matmul_gflops()
-    print(f"machine: {a.device if a.only == 'loss' else 'cpu'}, {threads} torch threads, torch {torch.__version__}; "
-          f"2048^3 fp32 matmul {res['gflops']:.0f} GFLOP/s", flush=True)
-    if a.only == "matmul": return res
+# %% ../nbs/10_bench.ipynb #9b908598
+def _versus(a, shapes, threads) -> dict:
+    "The step and loss tables of `main`, before against after."
+    res = {}
     after = package_root()
     repo = git_repo(after)
     with tempfile.TemporaryDirectory() as tmp:
@@ -340,6 +332,36 @@ def main(argv=None):
             print(f"\nfeature drifting loss, forward+backward, N=64 P=64 M=16, best of {a.repeat}"
                   + ("" if a.release else f" (the authors' loss: --release PATH, a clone of {RELEASE_URL})"), flush=True)
             res["loss"] = loss_table(shapes, versions, a.release, a.device, a.repeat, threads)
+    return res
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="The digits training step and the feature drifting loss, before and after "
+                                            "a change, in one run (notebook 10_bench).")
+    p.add_argument("--only", choices=("matmul", "step", "loss"), help="run one part only (matmul: just the machine's speed)")
+    p.add_argument("--baseline", default="HEAD", help="git ref of the 'before' version (default HEAD: the last commit)")
+    p.add_argument("--steps", type=int, default=10, help="timed training steps per version (after --warmup)")
+    p.add_argument("--warmup", type=int, default=2, help="training steps left out of the timing")
+    p.add_argument("--rounds", type=int, default=1, help="alternate the versions' step runs this many times")
+    p.add_argument("--shapes", default=",".join(f"{b}x{d}" for b, d in DEFAULT_SHAPES), help="loss shapes BxD,BxD,...")
+    p.add_argument("--release", default=None, help=f"the authors' code (git clone {RELEASE_URL}), for their loss")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="of the loss table")
+    p.add_argument("--repeat", type=int, default=3, help="loss: best of this many timings")
+    p.add_argument("--threads", type=int, default=0, help="torch threads everywhere (0: this machine's cores)")
+    p.add_argument("--json", default=None, help="also write everything measured to this JSON file")
+    a = p.parse_args(argv)
+    try: shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
+    except ValueError: p.error(f"--shapes takes BxD,BxD,... (e.g. 256x2048), got {a.shapes!r}")
+    if a.steps < 1 or a.warmup < 0 or a.rounds < 1: p.error("--steps and --rounds must be >= 1, --warmup >= 0")
+    if a.release:                                       # before minutes of measuring, not after
+        try: find_release_loss(a.release)
+        except FileNotFoundError as e: p.error(str(e))
+    threads = a.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    torch.set_num_threads(threads)
+    t0, res = time.perf_counter(), {}
+    res["gflops"] = matmul_gflops()
+    print(f"machine: {cpu_name()}, {threads} torch threads, torch {torch.__version__}; "
+          f"2048^3 fp32 matmul {res['gflops']:.0f} GFLOP/s", flush=True)
+    if a.only != "matmul": res.update(_versus(a, shapes, threads))
     res["elapsed_s"] = time.perf_counter() - t0
     print(f"\n{res['elapsed_s']:.0f} s in all")
     if a.json: Path(a.json).write_text(json.dumps(res, indent=1))
