@@ -290,22 +290,23 @@ def step_times(settings: dict | None = None, mae: dict | None = None, steps: int
 # %% ../nbs/10_bench.ipynb #c5b1a03b
 def step_table(runs: dict, steps: int = 10, warmup: int = 2, rounds: int = 1, threads: int = 0, file=None):
     """runs: label -> (package root, settings, mae) as `step_times` takes them. One row per label: median and fastest
-    ms per step, steps/s, generated samples/s and the first row's ms over this row's (x first)."""
+    ms per step, steps/s, generated samples/s and the first row's ms over this row's (x first; of the median, and of
+    the fastest step, which a busy machine disturbs least)."""
     secs, batches = {label: [] for label in runs}, {}
     for _ in range(rounds):
         for label, (root, settings, mae) in runs.items():
             r = in_version(root, "step_times", settings=settings, mae=mae, steps=steps, warmup=warmup, threads=threads)
             secs[label] += r["seconds"]; batches[label] = r["Nc"] * r["Nneg"]
-    print(f"{'':24} {'ms/step':>8} {'fastest':>8} {'steps/s':>8} {'samples/s':>9} {'x first':>8}", file=file)
-    rows, first = [], None
+    print(f"{'':24} {'ms/step':>8} {'fastest':>8} {'steps/s':>8} {'samples/s':>9} {'x first':>8} {'(fastest)':>9}", file=file)
+    rows = []
     for label, s in secs.items():
-        ms = 1e3 * statistics.median(s)
-        first = first or ms
-        row = dict(label=label, ms=ms, fastest_ms=1e3 * min(s), steps_per_s=1e3 / ms, samples_per_s=1e3 * batches[label] / ms,
-                   speedup=first / ms, batch=batches[label], n_steps=len(s))
+        ms, fastest = 1e3 * statistics.median(s), 1e3 * min(s)
+        row = dict(label=label, ms=ms, fastest_ms=fastest, steps_per_s=1e3 / ms, samples_per_s=1e3 * batches[label] / ms,
+                   speedup=rows[0]["ms"] / ms if rows else 1.0,
+                   speedup_fastest=rows[0]["fastest_ms"] / fastest if rows else 1.0, batch=batches[label], n_steps=len(s))
         rows.append(row)
-        print(f"{label:24} {ms:>8.1f} {row['fastest_ms']:>8.1f} {row['steps_per_s']:>8.2f} {row['samples_per_s']:>9.0f} "
-              f"{row['speedup']:>8.2f}", file=file, flush=True)
+        print(f"{label:24} {ms:>8.1f} {fastest:>8.1f} {row['steps_per_s']:>8.2f} {row['samples_per_s']:>9.0f} "
+              f"{row['speedup']:>8.2f} {row['speedup_fastest']:>9.2f}", file=file, flush=True)
     return rows
 
 # %% ../nbs/10_bench.ipynb #9b908598
@@ -334,6 +335,10 @@ def _versus(a, shapes, threads) -> dict:
             res["loss"] = loss_table(shapes, versions, a.release, a.device, a.repeat, threads)
     return res
 
+def _load():
+    "The 1-minute load average (None where the OS has none)."
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="The digits training step and the feature drifting loss, before and after "
                                             "a change, in one run (notebook 10_bench).")
@@ -359,11 +364,12 @@ def main(argv=None):
     torch.set_num_threads(threads)
     t0, res = time.perf_counter(), {}
     res["gflops"] = matmul_gflops()
+    res["load_before"] = _load()
     print(f"machine: {cpu_name()}, {threads} torch threads, torch {torch.__version__}; "
-          f"2048^3 fp32 matmul {res['gflops']:.0f} GFLOP/s", flush=True)
+          f"2048^3 fp32 matmul {res['gflops']:.0f} GFLOP/s; load average {res['load_before']} on {os.cpu_count()} cores", flush=True)
     if a.only != "matmul": res.update(_versus(a, shapes, threads))
-    res["elapsed_s"] = time.perf_counter() - t0
-    print(f"\n{res['elapsed_s']:.0f} s in all")
+    res["elapsed_s"], res["load_after"] = time.perf_counter() - t0, _load()
+    print(f"\n{res['elapsed_s']:.0f} s in all; load average {res['load_after']}")
     if a.json: Path(a.json).write_text(json.dumps(res, indent=1))
     return res
 
