@@ -554,7 +554,7 @@ def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None) -> dict:
             summary["eval"] = scores
             one = (scores.get("sweep") or {}).get("1.0")
             print(f"{out / 'scores.json'}: best {score_line(scores)}"
-                  + (f"\n  at alpha 1.0: {score_line(dict(one, alpha=1.0))}" if one and scores.get("alpha") != 1.0 else ""))
+                  + (f"\n  and at {score_line(dict(one, alpha=1.0))}" if one and scores.get("alpha") != 1.0 else ""))
     accelerator.end_training()
     return summary
 
