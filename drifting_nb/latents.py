@@ -168,6 +168,8 @@ def main(argv=None):
                           vae_dtype=a.vae_dtype)
     except (OSError, ValueError) as e: p.error(str(e))
     if process_state().is_main_process: print(json.dumps(s))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():   # a gloo group left to exit can
+        torch.distributed.barrier(); torch.distributed.destroy_process_group()     # abort ("terminate called ...")
     return s
 
 # %% ../nbs/06b_latents.ipynb #b5ed1238
