@@ -17,7 +17,7 @@ from .drift import feature_drifting_loss
 __all__ = ['ARCH', 'ENCODER_KINDS', 'FEATURE_SETS', 'GROUP_ELEMS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'CONVNEXTV2_CHECKPOINT',
            'gn_groups', 'GroupNorm', 'group_norm', 'BasicBlock', 'ResNetEncoder', 'build_encoder', 'map_stats',
            'mae_activations', 'extract_features', 'feature_table', 'key_groups', 'multi_feature_drifting_loss',
-           'FeatureCache', 'TorchvisionResNetFeatures', 'backbone_state_dict', 'load_resnet50', 'ConvNeXtV2Features',
+           'TorchvisionResNetFeatures', 'backbone_state_dict', 'load_resnet50', 'ConvNeXtV2Features',
            'convnextv2_features', 'with_vae_decoder', 'merge_feature_fns', 'save_encoder', 'load_encoder']
 
 # %% ../nbs/03_features.ipynb #d20204a7
@@ -223,14 +223,12 @@ def key_groups(f_gen: dict, group_elems: int = GROUP_ELEMS) -> list[list[str]]:
     return [keys for keys, _ in groups]
 
 def multi_feature_drifting_loss(phi: Callable[[Tensor], dict], gen: Tensor, pos: Tensor, unc: Tensor | None = None,
-                                unc_weight=None, joint: bool = True, group_elems: int = GROUP_ELEMS,
-                                phi_real: Callable[[Tensor], dict] | None = None, **drift_kw):
+                                unc_weight=None, joint: bool = True, group_elems: int = GROUP_ELEMS, **drift_kw):
     """Sum over features of `feature_drifting_loss` in phi's feature space (Eq. 13-14).
     gen [Nc,Nneg,*S] generated samples (with grad), pos [Nc,Npos,*S] same-class reals, unc [Nc,Nunc,*S] reals of
     random classes (CFG negatives) weighted by unc_weight (float or [Nc], w from alpha). phi: [n,*S] ->
     {key: [n,L,C]}. Each feature is Nc*L independent problems with its own normalisation; features of the same width
-    are solved together (`key_groups`, one call each). phi_real: phi for the real samples when joint=False (such as a
-    `FeatureCache` of phi). Returns (loss, info): info[key] is the feature's loss,
+    are solved together (`key_groups`, one call each). Returns (loss, info): info[key] is the feature's loss,
     info['drift/'+key] its raw RMS drift in normalised units (mean over taus), the measure that falls as q nears p.
     drift_kw go to `feature_drifting_loss`: taus, ..., global_batch=True to normalise each feature over the problems
     of all processes (the release's global batch) when several share the batch."""
@@ -256,7 +254,7 @@ def multi_feature_drifting_loss(phi: Callable[[Tensor], dict], gen: Tensor, pos:
         f_real = {k: v[n_gen:].detach() for k, v in f_all.items()}
     else:
         f_gen = phi(gen.reshape(n_gen, *S))
-        with torch.no_grad(): f_real = (phi_real or phi)(real)
+        with torch.no_grad(): f_real = phi(real)
     if not f_gen: raise ValueError("phi returned no features")
     total, losses, drifts = 0.0, {}, {}
     for keys in key_groups(f_gen, group_elems):
@@ -275,50 +273,6 @@ def multi_feature_drifting_loss(phi: Callable[[Tensor], dict], gen: Tensor, pos:
     info = dict(zip(keys, stats[0]))                        # one device sync for all the numbers
     info.update({f"drift/{k}": v for k, v in zip(keys, stats[1])})
     return total, info
-
-# %% ../nbs/03_features.ipynb #5b66a6ac
-class FeatureCache:
-    """phi of real samples, remembered: with a frozen encoder a sample drawn from the queue again gets the features it
-    got before, so each real sample is encoded about once instead of at every draw. phi: [n,*S] -> {key: [n,L,C]}.
-    Up to `capacity` samples are kept (the oldest leave first; the queue's size holds every sample it can return).
-    A sample is found by its values (two float64 projections), so equal samples share their features.
-    Call it on real samples [n,*S] (no gradient); returns phi's dict [n,L,C] per key."""
-    def __init__(self, phi: Callable[[Tensor], dict], capacity: int, seed: int = 0):
-        if capacity < 1: raise ValueError(f"FeatureCache needs a capacity of at least 1 sample, got {capacity}")
-        self.phi, self.capacity, self.seed = phi, int(capacity), seed
-        self.store, self.slot_of, self.key_at, self.next = None, {}, [None] * self.capacity, 0
-        self.hits = self.misses = 0
-
-    def _keys(self, x: Tensor) -> list:
-        flat = x.reshape(len(x), -1).double()
-        if not hasattr(self, "_proj") or self._proj.shape[0] != flat.shape[1] or self._proj.device != x.device:
-            g = torch.Generator().manual_seed(self.seed)
-            self._proj = torch.randn(flat.shape[1], 2, generator=g, dtype=torch.float64).to(x.device)
-        return [tuple(r) for r in (flat @ self._proj).tolist()]
-
-    @torch.no_grad()
-    def __call__(self, x: Tensor) -> dict:
-        keys = self._keys(x)
-        if len(set(keys)) > self.capacity: return self.phi(x)    # more distinct samples than room: no caching
-        new = {}                                                  # key -> row of x: misses, each encoded once
-        for i, k in enumerate(keys):
-            if k not in self.slot_of: new.setdefault(k, i)
-        if new:
-            f_new = self.phi(x[list(new.values())])
-            if self.store is None:                                # [capacity,L,C] per key, phi's dtype and device
-                self.store = {k: v.new_zeros(self.capacity, *v.shape[1:]) for k, v in f_new.items()}
-            wanted, dest = set(keys), []
-            for k in new:                                         # a ring: the oldest entry not wanted now leaves
-                while self.key_at[self.next] in wanted: self.next = (self.next + 1) % self.capacity
-                old = self.key_at[self.next]
-                if old is not None: del self.slot_of[old]
-                self.key_at[self.next], self.slot_of[k] = k, self.next
-                dest.append(self.next); self.next = (self.next + 1) % self.capacity
-            dest = torch.tensor(dest, device=x.device)
-            for k, v in f_new.items(): self.store[k][dest] = v
-        self.hits += len(keys) - len(new); self.misses += len(new)
-        idx = torch.tensor([self.slot_of[k] for k in keys], device=x.device)
-        return {k: v[idx] for k, v in self.store.items()}
 
 # %% ../nbs/03_features.ipynb #fe8ee3b7
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

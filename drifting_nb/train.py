@@ -53,7 +53,6 @@ class TrainConfig:
     mae_overrides: dict = field(default_factory=dict)   # ... with these MAEConfig overrides
     extra_encoder: str = ""            # e.g. "convnextv2:PATH_OR_NAME" (pixel recipes add ConvNeXt-V2 features)
     feature_set: str = "a-d"           # a-b | a-c | a-d (A.5 ablation)
-    feature_cache: bool = False        # remember the frozen encoder's features of queued real samples (memory for time)
     # drifting (Table 8)
     Nc: int = 10
     Npos: int = 32
@@ -183,7 +182,7 @@ PRESETS: dict[str, dict] = {
                    mae_preset="digits", Nc=10, Npos=32, Nneg=24, Nunc=8, lr=1e-3,
                    min_affinity=1e-6,   # not the release's 1e-3: on small problems it pulls to the class mean (notebook 08)
                    taus=(0.02, 0.05, 0.1),   # not the release's 0.2: the broad kernel halves within-class spread here
-                   feature_cache=True, warmup_steps=100, max_steps=1000, sample_every=200, ckpt_every=200, log_every=10,
+                   warmup_steps=100, max_steps=1000, sample_every=200, ckpt_every=200, log_every=10,
                    ema_decays=(0.99, 0.995), eval_every=200, eval_samples=1000),
     # tiny presets for tests: a generated ImageFolder, in pixel and latent space
     "tiny-pixel": dict(dataset="imagefolder", image_size=16, channels=3, num_classes=3, generator="T/2",
@@ -469,8 +468,7 @@ def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     model, opt = accelerator.prepare(model, opt)
     emas = [AveragedModel(unwrap_model(model), multi_avg_fn=get_ema_multi_avg_fn(d)) for d in cfg.ema_decays]
-    from drifting_nb.features import multi_feature_drifting_loss, FeatureCache
-    phi_real = FeatureCache(phi, cfg.num_classes * cfg.queue_per_class + cfg.queue_global) if cfg.feature_cache else None
+    from drifting_nb.features import multi_feature_drifting_loss
 
     step = 0
     if found:                                                        # exact resume: every state of every process
@@ -508,7 +506,7 @@ def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None) -> dict:
                     # the encoder is frozen and in eval mode: the real samples' features need no graph (joint=False)
                     loss, info = multi_feature_drifting_loss(phi, x.float().view(m_micro, cfg.Nneg, *S), pos, unc, w,
                                                              joint=False, taus=cfg.taus, global_batch=world > 1,
-                                                             min_affinity=cfg.min_affinity, phi_real=phi_real)
+                                                             min_affinity=cfg.min_affinity)
                 if fault_hook is not None: loss = fault_hook(step + 1, loss)
                 bad = accelerator.reduce(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device), "sum")
                 if bad.item() > 0:
