@@ -17,8 +17,9 @@ from .drift import feature_drifting_loss
 __all__ = ['ARCH', 'ENCODER_KINDS', 'FEATURE_SETS', 'GROUP_ELEMS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'CONVNEXTV2_CHECKPOINT',
            'gn_groups', 'GroupNorm', 'group_norm', 'BasicBlock', 'ResNetEncoder', 'build_encoder', 'map_stats',
            'mae_activations', 'extract_features', 'feature_table', 'key_groups', 'multi_feature_drifting_loss',
-           'TorchvisionResNetFeatures', 'backbone_state_dict', 'load_resnet50', 'ConvNeXtV2Features',
-           'convnextv2_features', 'with_vae_decoder', 'merge_feature_fns', 'save_encoder', 'load_encoder']
+           'RealFeatureTable', 'TorchvisionResNetFeatures', 'backbone_state_dict', 'load_resnet50',
+           'ConvNeXtV2Features', 'convnextv2_features', 'with_vae_decoder', 'merge_feature_fns', 'save_encoder',
+           'load_encoder']
 
 # %% ../nbs/03_features.ipynb #d20204a7
 def gn_groups(channels: int, max_groups: int = 32) -> int:
@@ -148,24 +149,34 @@ def build_encoder(kind: str = "latent", width: int = 256, in_channels: int | Non
 # %% ../nbs/03_features.ipynb #694c35df
 FEATURE_SETS = {"a-b": (), "a-c": (2,), "a-d": (2, 4)}   # patch sizes of (c) and (d); (a) and (b) are always in
 
-def _std(t: Tensor, dims) -> Tensor:
-    "sqrt(var + 1e-6) over dims (biased), in float32 as released."
-    t = t.float()
-    return (t - t.mean(dims, keepdim=True)).pow(2).mean(dims).add(1e-6).sqrt()
+def _patch_std(m: Tensor, mu: Tensor, s: int) -> Tensor:
+    """sqrt(var + 1e-6) (biased, two-pass, float32 as released) of m [n,C,H,W] over its s x s patches, given their
+    float32 means mu [n,C,H/s,W/s]: [n,C,H/s,W/s]. s = 0: over the whole map, mu [n,C,1,1] -> [n,C]."""
+    m = m.float()
+    if s == 0:
+        d = m - mu
+        return d.mul(d).mean((2, 3)).add(1e-6).sqrt()
+    n, C, H, W = m.shape
+    d = (m.reshape(n, C, H // s, s, W // s, s) - mu[:, :, :, None, :, None]).reshape(n, C, H, W)
+    return F.avg_pool2d(d.mul(d), s).add(1e-6).sqrt()
 
 def map_stats(name: str, m: Tensor, patch_mean_size=(2, 4), patch_std_size=(2, 4), use_mean: bool = True,
               use_std: bool = True) -> dict[str, Tensor]:
     """Feature vectors of one map m [n,C,H,W] (A.5) under the release's keys, each [n,T,C]: '{name}' (T=HW),
     '{name}_mean', '{name}_std' (T=1), '{name}_mean_{s}' / '{name}_std_{s}' (T=HW/s^2, where s divides H and W)."""
     n, C, H, W = m.shape
-    out = {name: m.flatten(2).transpose(1, 2)}                                  # (a)
-    if use_mean: out[f"{name}_mean"] = m.mean((2, 3))[:, None]                  # (b)
-    if use_std: out[f"{name}_std"] = _std(m.flatten(2), 2)[:, None]
-    patches = lambda s: m.reshape(n, C, H // s, s, W // s, s)
+    tokens = lambda t: t.flatten(2).transpose(1, 2)                             # [n,C,h,w] -> [n,hw,C]
+    f32 = m.dtype == torch.float32
+    out = {name: tokens(m)}                                                     # (a)
+    mean = m.mean((2, 3), keepdim=True)
+    if use_mean: out[f"{name}_mean"] = mean.flatten(1)[:, None]                 # (b)
+    if use_std: out[f"{name}_std"] = _patch_std(m, mean if f32 else m.float().mean((2, 3), keepdim=True), 0)[:, None]
+    sizes = [s for s in dict.fromkeys((*patch_mean_size, *patch_std_size)) if H % s == 0 and W % s == 0]
+    means = {s: F.avg_pool2d(m, s) for s in sizes}                             # patch means [n,C,H/s,W/s], m's dtype
     for s in patch_mean_size:                                                   # (c), (d)
-        if H % s == 0 and W % s == 0: out[f"{name}_mean_{s}"] = patches(s).mean((3, 5)).flatten(2).transpose(1, 2)
+        if s in means: out[f"{name}_mean_{s}"] = tokens(means[s])
     for s in patch_std_size:
-        if H % s == 0 and W % s == 0: out[f"{name}_std_{s}"] = _std(patches(s), (3, 5)).flatten(2).transpose(1, 2)
+        if s in means: out[f"{name}_std_{s}"] = tokens(_patch_std(m, means[s] if f32 else F.avg_pool2d(m.float(), s), s))
     return out
 
 # %% ../nbs/03_features.ipynb #a9c26c0f
@@ -223,12 +234,14 @@ def key_groups(f_gen: dict, group_elems: int = GROUP_ELEMS) -> list[list[str]]:
     return [keys for keys, _ in groups]
 
 def multi_feature_drifting_loss(phi: Callable[[Tensor], dict], gen: Tensor, pos: Tensor, unc: Tensor | None = None,
-                                unc_weight=None, joint: bool = True, group_elems: int = GROUP_ELEMS, **drift_kw):
+                                unc_weight=None, joint: bool = True, group_elems: int = GROUP_ELEMS,
+                                phi_real: Callable[[Tensor], dict] | None = None, **drift_kw):
     """Sum over features of `feature_drifting_loss` in phi's feature space (Eq. 13-14).
     gen [Nc,Nneg,*S] generated samples (with grad), pos [Nc,Npos,*S] same-class reals, unc [Nc,Nunc,*S] reals of
     random classes (CFG negatives) weighted by unc_weight (float or [Nc], w from alpha). phi: [n,*S] ->
     {key: [n,L,C]}. Each feature is Nc*L independent problems with its own normalisation; features of the same width
-    are solved together (`key_groups`, one call each). Returns (loss, info): info[key] is the feature's loss,
+    are solved together (`key_groups`, one call each). phi_real: phi for the real samples when joint=False (a
+    `RealFeatureTable` of phi: the same features, looked up). Returns (loss, info): info[key] is the feature's loss,
     info['drift/'+key] its raw RMS drift in normalised units (mean over taus), the measure that falls as q nears p.
     drift_kw go to `feature_drifting_loss`: taus, ..., global_batch=True to normalise each feature over the problems
     of all processes (the release's global batch) when several share the batch."""
@@ -248,13 +261,14 @@ def multi_feature_drifting_loss(phi: Callable[[Tensor], dict], gen: Tensor, pos:
     if Nunc: real = torch.cat([real, unc.reshape(Nc * Nunc, *S)])
     real = real.detach().to(gen.dtype)
     n_gen = Nc * Nneg
+    if joint and phi_real is not None: raise ValueError("phi_real needs joint=False: joint runs phi once on all samples")
     if joint:
         f_all = phi(torch.cat([gen.reshape(n_gen, *S), real]))
         f_gen = {k: v[:n_gen] for k, v in f_all.items()}
         f_real = {k: v[n_gen:].detach() for k, v in f_all.items()}
     else:
         f_gen = phi(gen.reshape(n_gen, *S))
-        with torch.no_grad(): f_real = phi(real)
+        with torch.no_grad(): f_real = (phi_real or phi)(real)
     if not f_gen: raise ValueError("phi returned no features")
     total, losses, drifts = 0.0, {}, {}
     for keys in key_groups(f_gen, group_elems):
@@ -273,6 +287,41 @@ def multi_feature_drifting_loss(phi: Callable[[Tensor], dict], gen: Tensor, pos:
     info = dict(zip(keys, stats[0]))                        # one device sync for all the numbers
     info.update({f"drift/{k}": v for k, v in zip(keys, stats[1])})
     return total, info
+
+# %% ../nbs/03_features.ipynb #26d1f66f
+class RealFeatureTable:
+    """phi of a fixed set of real samples [n,*S], computed once (in batches of `batch_size`, without gradients).
+    Called on real samples x [m,*S], it returns phi(x) as phi's dict {key: [m,L,C]}: rows of samples in the table
+    (found by their exact float32 values) are gathered, the others go through phi. `hits` and `misses` count them."""
+    def __init__(self, phi: Callable[[Tensor], dict], samples: Tensor, batch_size: int = 256):
+        if len(samples) == 0: raise ValueError("RealFeatureTable needs at least one sample")
+        self.phi, samples = phi, samples.detach()
+        with torch.no_grad():
+            parts = [phi(samples[i:i + batch_size]) for i in range(0, len(samples), batch_size)]
+        self.table = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}         # {key: [n,L,C]}
+        self.rows = {}
+        for i, key in enumerate(self._keys(samples)): self.rows.setdefault(key, i)
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def _keys(x: Tensor) -> list[bytes]:
+        return [r.tobytes() for r in x.detach().float().reshape(len(x), -1).cpu().numpy()]
+
+    @property
+    def nbytes(self) -> int: return sum(v.numel() * v.element_size() for v in self.table.values())
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor) -> dict:
+        rows = torch.tensor([self.rows.get(k, -1) for k in self._keys(x)])
+        miss = (rows < 0).nonzero().flatten()
+        self.misses += len(miss); self.hits += len(rows) - len(miss)
+        if len(miss) == len(rows): return self.phi(x)
+        dev = next(iter(self.table.values())).device
+        out = {k: v[rows.clamp(min=0).to(dev)] for k, v in self.table.items()}
+        if len(miss):
+            f = self.phi(x[miss.to(x.device)])
+            for k in out: out[k][miss.to(dev)] = f[k].to(out[k].dtype)
+        return out
 
 # %% ../nbs/03_features.ipynb #fe8ee3b7
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_train.ipynb #6d6749f7
 from __future__ import annotations
-import argparse, ast, dataclasses, errno, functools, json, math, os, shutil, sys, time, warnings
+import argparse, ast, contextlib, dataclasses, errno, functools, json, math, os, shutil, sys, time, warnings
 from dataclasses import dataclass, field, asdict, fields
 from pathlib import Path
 import torch
@@ -22,10 +22,11 @@ from .run import (sample_shape, load_vae, make_decode, build_model, list_checkpo
                              truncate_metrics, log_metrics, Run, load_run)
 
 # %% auto #0
-__all__ = ['RELEASE_CFG_LIST', 'PRESETS', 'TrainConfig', 'check_config', 'toy_presets', 'all_preset_names', 'get_config',
-           'parse_args', 'resolve_config', 'build_dataset', 'load_feature_encoder', 'encoder_dir', 'pretrain_encoder',
-           'build_phi', 'draw_step', 'lr_lambda', 'save_sample_grid', 'train', 'score_line', 'queue_push_per_process',
-           'fid_scores', 'evaluate_during_training', 'evaluate_run_model', 'main']
+__all__ = ['RELEASE_CFG_LIST', 'PRESETS', 'REAL_FEATURE_TABLE_MAX', 'TrainConfig', 'check_config', 'toy_presets',
+           'all_preset_names', 'get_config', 'parse_args', 'resolve_config', 'build_dataset', 'load_feature_encoder',
+           'encoder_dir', 'pretrain_encoder', 'real_feature_table', 'build_phi', 'draw_step', 'lr_lambda',
+           'save_sample_grid', 'train', 'score_line', 'queue_push_per_process', 'fid_scores',
+           'evaluate_during_training', 'evaluate_run_model', 'main']
 
 # %% ../nbs/07_train.ipynb #a630482d
 @dataclass
@@ -69,6 +70,7 @@ class TrainConfig:
     queue_push: int = 64               # real samples pushed per step and process
     queue_push_global: int = 0         # > 0: push this many per step over all processes (the release's per-host push x hosts)
     queue_dtype: str = "float32"       # storage: float32 | bfloat16 | uint8 (exact for 8-bit images, 1/4 the memory)
+    real_feature_table: bool = False   # phi of the whole (small, in-memory) data set once, looked up (features.RealFeatureTable)
     # optimisation (Table 8)
     lr: float = 2e-4
     weight_decay: float = 0.01
@@ -179,7 +181,7 @@ PRESETS: dict[str, dict] = {
                     max_steps=50_000, sample_every=1000, ckpt_every=2000, log_every=20, ema_decays=(0.999, 0.9999)),
     # the default: the whole recipe in miniature on scikit-learn's digits (CPU, minutes)
     "digits": dict(generator_kw=dict(patch_size=2, hidden_size=96, depth=4, num_heads=4, num_incontext_tokens=4),
-                   mae_preset="digits", Nc=10, Npos=32, Nneg=24, Nunc=8, lr=1e-3,
+                   mae_preset="digits", Nc=10, Npos=32, Nneg=24, Nunc=8, lr=1e-3, real_feature_table=True,
                    min_affinity=1e-6,   # not the release's 1e-3: on small problems it pulls to the class mean (notebook 08)
                    taus=(0.02, 0.05, 0.1),   # not the release's 0.2: the broad kernel halves within-class spread here
                    warmup_steps=100, max_steps=1000, sample_every=200, ckpt_every=200, log_every=10,
@@ -362,6 +364,19 @@ def pretrain_encoder(cfg: TrainConfig, accelerator) -> Path:
     accelerator.wait_for_everyone()
     return path
 
+REAL_FEATURE_TABLE_MAX = 100_000   # samples: the table is for small data sets held in memory (digits: 1437)
+
+def real_feature_table(dataset, phi, device, accelerator=None):
+    """--real-feature-table: phi of every sample of the data set, computed once (`features.RealFeatureTable`), under
+    the run's autocast. A real sample the queue returns is then looked up instead of encoded."""
+    from drifting_nb.features import RealFeatureTable
+    if len(dataset) > REAL_FEATURE_TABLE_MAX:
+        raise ValueError(f"--real-feature-table holds phi of the whole data set in memory: {len(dataset)} samples is "
+                         f"over {REAL_FEATURE_TABLE_MAX}; leave it off for large data sets")
+    x = torch.stack([dataset[i][0] for i in range(len(dataset))]).to(device)
+    with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
+        return RealFeatureTable(phi, x)
+
 def build_phi(cfg: TrainConfig, device, vae=None):
     "The frozen feature encoder(s) as phi: [n,*S] -> {key: [n,L,C]} (Sec. 3.4, A.5)."
     from drifting_nb import features as Fx
@@ -453,6 +468,7 @@ def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None) -> dict:
     decode = make_decode(cfg, vae)
     pretrain_encoder(cfg, accelerator)                               # small presets: the MAE of notebook 04, first
     phi = build_phi(cfg, device, vae)
+    phi_real = real_feature_table(dataset, phi, device, accelerator) if cfg.real_feature_table else None
     set_seed(cfg.seed)                                               # the same initial weights on every process
     model = build_model(cfg)
     if cfg.init_from:                                                # the authors' released weights as the start
@@ -506,7 +522,7 @@ def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None) -> dict:
                     # the encoder is frozen and in eval mode: the real samples' features need no graph (joint=False)
                     loss, info = multi_feature_drifting_loss(phi, x.float().view(m_micro, cfg.Nneg, *S), pos, unc, w,
                                                              joint=False, taus=cfg.taus, global_batch=world > 1,
-                                                             min_affinity=cfg.min_affinity)
+                                                             min_affinity=cfg.min_affinity, phi_real=phi_real)
                 if fault_hook is not None: loss = fault_hook(step + 1, loss)
                 bad = accelerator.reduce(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device), "sum")
                 if bad.item() > 0:

@@ -218,3 +218,15 @@ def test_fid_during_training_for_any_data_set(encoder, folder, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc = EventAccumulator(str(next((Path(cfg.output_dir) / "tb").rglob("events.out.tfevents*")).parent)).Reload()
     assert {"eval/fid", "eval/fid@alpha=1.0", "eval/fid@alpha=2.0"} <= set(acc.Tags()["scalars"])
+
+def test_real_feature_table_leaves_the_run_unchanged(encoder, folder, tmp_path):
+    "--real-feature-table (the digits preset's): the real samples' features are looked up, the losses stay the same."
+    kw = dict(encoder_path=encoder, data_dir=str(folder), queue_dtype="float32", max_steps=4, sample_every=0, eval_every=0)
+    train(get_config("tiny-pixel", output_dir=str(tmp_path / "plain"), **kw))
+    train(get_config("tiny-pixel", output_dir=str(tmp_path / "table"), real_feature_table=True, **kw))
+    a, b = _losses(tmp_path / "plain"), _losses(tmp_path / "table")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for s in a: assert a[s] == pytest.approx(b[s], rel=1e-5), (s, a[s], b[s])
+    from drifting_nb.train import real_feature_table, REAL_FEATURE_TABLE_MAX
+    with pytest.raises(ValueError, match="large data sets"):
+        real_feature_table(range(REAL_FEATURE_TABLE_MAX + 1), None, "cpu")
