@@ -288,7 +288,7 @@ def multi_feature_drifting_loss(phi: Callable[[Tensor], dict], gen: Tensor, pos:
     info.update({f"drift/{k}": v for k, v in zip(keys, stats[1])})
     return total, info
 
-# %% ../nbs/03_features.ipynb #26d1f66f
+# %% ../nbs/03_features.ipynb #c712aa4b
 class RealFeatureTable:
     """phi of a fixed set of real samples [n,*S], computed once (in batches of `batch_size`, without gradients).
     Called on real samples x [m,*S], it returns phi(x) as phi's dict {key: [m,L,C]}: rows of samples in the table

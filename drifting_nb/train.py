@@ -181,10 +181,10 @@ PRESETS: dict[str, dict] = {
                     max_steps=50_000, sample_every=1000, ckpt_every=2000, log_every=20, ema_decays=(0.999, 0.9999)),
     # the default: the whole recipe in miniature on scikit-learn's digits (CPU, minutes)
     "digits": dict(generator_kw=dict(patch_size=2, hidden_size=96, depth=4, num_heads=4, num_incontext_tokens=4),
-                   mae_preset="digits", Nc=10, Npos=32, Nneg=24, Nunc=8, lr=1e-3, real_feature_table=True,
+                   mae_preset="digits", Nc=10, Npos=32, Nneg=24, Nunc=8, lr=3e-3, real_feature_table=True,
                    min_affinity=1e-6,   # not the release's 1e-3: on small problems it pulls to the class mean (notebook 08)
                    taus=(0.02, 0.05, 0.1),   # not the release's 0.2: the broad kernel halves within-class spread here
-                   warmup_steps=100, max_steps=1000, sample_every=200, ckpt_every=200, log_every=10,
+                   warmup_steps=100, max_steps=700, sample_every=200, ckpt_every=200, log_every=10,
                    ema_decays=(0.99, 0.995), eval_every=200, eval_samples=1000),
     # tiny presets for tests: a generated ImageFolder, in pixel and latent space
     "tiny-pixel": dict(dataset="imagefolder", image_size=16, channels=3, num_classes=3, generator="T/2",
