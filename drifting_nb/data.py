@@ -259,6 +259,9 @@ class SampleQueue:
     def _load(self, x):
         "Back from the storage dtype: uint8 -> float32 in [-1,1]; other dtypes as stored."
         return x.float().div(127.5).sub(1) if x.dtype == torch.uint8 else x
+    def as_stored(self, x):
+        "Samples [n,*S] as the queue would return them after a push (rounded to its storage dtype)."
+        return self._load(self._store(x.detach().to(self.device)))
 
     def ready(self, n_pos:int, n_unc:int=0, labels=None) -> bool:
         "True when every class (or every class in `labels`) holds >= `n_pos` samples and the global FIFO >= `n_unc`."

@@ -366,14 +366,16 @@ def pretrain_encoder(cfg: TrainConfig, accelerator) -> Path:
 
 REAL_FEATURE_TABLE_MAX = 100_000   # samples: the table is for small data sets held in memory (digits: 1437)
 
-def real_feature_table(dataset, phi, device, accelerator=None):
+def real_feature_table(dataset, phi, device, accelerator=None, queue=None):
     """--real-feature-table: phi of every sample of the data set, computed once (`features.RealFeatureTable`), under
-    the run's autocast. A real sample the queue returns is then looked up instead of encoded."""
+    the run's autocast. A real sample the queue returns is then looked up instead of encoded: the table holds the
+    samples as `queue` stores them (bfloat16 and uint8 storage round them), so that they are found."""
     from drifting_nb.features import RealFeatureTable
     if len(dataset) > REAL_FEATURE_TABLE_MAX:
         raise ValueError(f"--real-feature-table holds phi of the whole data set in memory: {len(dataset)} samples is "
                          f"over {REAL_FEATURE_TABLE_MAX}; leave it off for large data sets")
     x = torch.stack([dataset[i][0] for i in range(len(dataset))]).to(device)
+    if queue is not None: x = queue.as_stored(x).float().to(device)      # the loss reads reals in float32
     with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
         return RealFeatureTable(phi, x)
 
@@ -468,7 +470,6 @@ def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None) -> dict:
     decode = make_decode(cfg, vae)
     pretrain_encoder(cfg, accelerator)                               # small presets: the MAE of notebook 04, first
     phi = build_phi(cfg, device, vae)
-    phi_real = real_feature_table(dataset, phi, device, accelerator) if cfg.real_feature_table else None
     set_seed(cfg.seed)                                               # the same initial weights on every process
     model = build_model(cfg)
     if cfg.init_from:                                                # the authors' released weights as the start
@@ -476,6 +477,7 @@ def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None) -> dict:
         init_from_release(model, cfg.init_from)
     queue = SampleQueue(cfg.num_classes, S, cfg.queue_per_class, cfg.queue_global, dtype=getattr(torch, cfg.queue_dtype),
                         seed=cfg.seed * 7919 + rank)
+    phi_real = real_feature_table(dataset, phi, device, accelerator, queue) if cfg.real_feature_table else None
     push = queue_push_per_process(cfg, world)
     loader = InfiniteLoader(dataset, push, seed=cfg.seed, rank=rank, world_size=world)
     gen = torch.Generator().manual_seed(cfg.seed * 104729 + rank)

@@ -221,7 +221,7 @@ def test_fid_during_training_for_any_data_set(encoder, folder, tmp_path):
 
 def test_real_feature_table_leaves_the_run_unchanged(encoder, folder, tmp_path):
     "--real-feature-table (the digits preset's): the real samples' features are looked up, the losses stay the same."
-    kw = dict(encoder_path=encoder, data_dir=str(folder), queue_dtype="float32", max_steps=4, sample_every=0, eval_every=0)
+    kw = dict(encoder_path=encoder, data_dir=str(folder), max_steps=4, sample_every=0, eval_every=0)   # uint8 queue
     train(get_config("tiny-pixel", output_dir=str(tmp_path / "plain"), **kw))
     train(get_config("tiny-pixel", output_dir=str(tmp_path / "table"), real_feature_table=True, **kw))
     a, b = _losses(tmp_path / "plain"), _losses(tmp_path / "table")
@@ -230,3 +230,20 @@ def test_real_feature_table_leaves_the_run_unchanged(encoder, folder, tmp_path):
     from drifting_nb.train import real_feature_table, REAL_FEATURE_TABLE_MAX
     with pytest.raises(ValueError, match="large data sets"):
         real_feature_table(range(REAL_FEATURE_TABLE_MAX + 1), None, "cpu")
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "uint8"])
+def test_real_feature_table_finds_every_queued_sample(folder, dtype):
+    "Whatever the queue's storage dtype, the samples it returns are in the table (none is encoded again)."
+    from drifting_nb.train import real_feature_table, build_dataset
+    from drifting_nb.data import SampleQueue, InfiniteLoader, fill_queue
+    cfg = get_config("tiny-pixel", data_dir=str(folder), queue_dtype=dtype)
+    ds = build_dataset(cfg)
+    queue = SampleQueue(cfg.num_classes, (3, 16, 16), cfg.queue_per_class, cfg.queue_global, dtype=getattr(torch, dtype))
+    phi = lambda x: {"pixels": x.reshape(len(x), 1, -1)}
+    table = real_feature_table(ds, phi, "cpu", queue=queue)
+    loader = InfiniteLoader(ds, cfg.queue_push, seed=0, rank=0, world_size=1)
+    fill_queue(queue, loader, cfg.Npos, cfg.Nunc)
+    real = torch.cat([queue.draw_pos(torch.arange(3), cfg.Npos).flatten(0, 1), queue.draw_unc(3, cfg.Nunc).flatten(0, 1)])
+    got = table(real.float())
+    assert table.misses == 0 and table.hits == len(real)
+    assert torch.equal(got["pixels"], phi(real.float())["pixels"])
