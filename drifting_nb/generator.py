@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['GENERATOR_PRESETS', 'frequency_embedding', 'AlphaEmbedder', 'StyleEmbedder', 'sincos_1d', 'sincos_pos_embed_2d',
-           'rope_1d', 'apply_rope', 'Attention', 'swiglu_hidden', 'SwiGLU', 'GeluMLP', 'modulate', 'DiTBlock',
-           'FinalLayer', 'patchify', 'unpatchify', 'DiT', 'unwrap_model', 'generate', 'build_generator', 'count_params']
+__all__ = ['GENERATOR_PRESETS', 'frequency_embedding', 'RMSNorm', 'AlphaEmbedder', 'StyleEmbedder', 'sincos_1d',
+           'sincos_pos_embed_2d', 'rope_1d', 'apply_rope', 'Attention', 'swiglu_hidden', 'SwiGLU', 'GeluMLP',
+           'modulate', 'DiTBlock', 'FinalLayer', 'patchify', 'unpatchify', 'DiT', 'unwrap_model', 'generate',
+           'build_generator', 'count_params']
 
 # %% ../nbs/05_generator.ipynb #0b676946
 def frequency_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0) -> Tensor:
@@ -26,6 +27,13 @@ def frequency_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0) 
     return torch.cat([ang.cos(), ang.sin()], -1)                                 # [N,dim]
 
 # %% ../nbs/05_generator.ipynb #4734d0fa
+class RMSNorm(nn.RMSNorm):
+    """`nn.RMSNorm` computed in float32 and returned in the input's dtype, as the release's RMSNorm: under bf16
+    autocast the input is bf16 and the gain float32, which `nn.RMSNorm` computes unfused, with a warning."""
+    def forward(self, x: Tensor) -> Tensor:
+        w = None if self.weight is None else self.weight.float()
+        return F.rms_norm(x.float(), self.normalized_shape, w, self.eps).to(x.dtype)
+
 class AlphaEmbedder(nn.Module):
     """Guidance scale alpha [N] -> [N,D]: `frequency_embedding`, Linear-SiLU-Linear (DiT's timestep embedder), then an
     RMSNorm with a learned gain, times `out_scale` = 0.02: the release adds alpha's code to c at this small scale."""
@@ -33,7 +41,7 @@ class AlphaEmbedder(nn.Module):
         super().__init__()
         self.freq_dim, self.out_scale = freq_dim, out_scale
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.norm = nn.RMSNorm(dim, eps=1e-6)
+        self.norm = RMSNorm(dim, eps=1e-6)
 
     def forward(self, alpha: Tensor) -> Tensor:
         return self.norm(self.mlp(frequency_embedding(alpha, self.freq_dim))) * self.out_scale   # [N,D]
@@ -84,7 +92,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 # %% ../nbs/05_generator.ipynb #9f548931
 def _qk_norm(head_dim: int, qk_norm: bool, rmsnorm: bool) -> nn.Module:
     if not qk_norm: return nn.Identity()
-    return nn.RMSNorm(head_dim, eps=1e-6) if rmsnorm else nn.LayerNorm(head_dim, eps=1e-6)
+    return RMSNorm(head_dim, eps=1e-6) if rmsnorm else nn.LayerNorm(head_dim, eps=1e-6)
 
 class Attention(nn.Module):
     """Self-attention with QK-Norm and RoPE through `F.scaled_dot_product_attention`; x [N,L,D] -> [N,L,D].
@@ -140,7 +148,7 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 def _norm(dim: int, rmsnorm: bool) -> nn.Module:
-    return nn.RMSNorm(dim, eps=1e-6) if rmsnorm else nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
+    return RMSNorm(dim, eps=1e-6) if rmsnorm else nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
 
 def _fp32_linear(layer: nn.Sequential, c: Tensor) -> Tensor:
     "The adaLN modulation SiLU -> Linear of c [N,cond] in fp32, even under autocast (as released)."

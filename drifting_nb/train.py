@@ -508,7 +508,8 @@ def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None) -> dict:
         accelerator.init_trackers("tb", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in asdict(cfg).items()})
         print(f"{cfg.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M generator parameters, "
               f"effective batch {cfg.Nc} classes x {cfg.Nneg} = {cfg.Nc * cfg.Nneg} generated samples per step "
-              f"over {world} process(es)" + (f", {torch.get_num_threads()} CPU thread(s) each" if device.type == "cpu" else ""))
+              f"over {world} process(es)" + (f", {torch.get_num_threads()} CPU thread(s) each" if device.type == "cpu" else "")
+              + (f", {accelerator.mixed_precision} autocast" if accelerator.mixed_precision != "no" else ""))
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not main, desc=cfg.preset, dynamic_ncols=True)
     model.train()
     t_last, summary = time.time(), {}

@@ -143,6 +143,25 @@ def test_bf16_autocast():
     assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in m.parameters())
 
 
+def test_rmsnorm_computes_in_fp32_and_returns_the_input_dtype():
+    "The release's RMSNorm: float32 statistics and gain, the input's dtype out; no 'cannot dispatch' warning in bf16."
+    import warnings
+    from drifting_nb.generator import RMSNorm
+    norm = RMSNorm(16, eps=1e-6)
+    with torch.no_grad(): norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 5, 16) * 7
+    torch.testing.assert_close(norm(x), nn.functional.rms_norm(x, (16,), norm.weight, 1e-6), rtol=0, atol=0)
+    xb = x.bfloat16()
+    want = (x.bfloat16().float() * torch.rsqrt(x.bfloat16().float().pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight).bfloat16()
+    m = perturbed(small())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = norm(xb)
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad(): m(*inputs(m))
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0)
+
+
 def test_attention_runs_in_fp32_under_autocast():
     m = perturbed(small())
     seen = []
