@@ -15,14 +15,31 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 # %% auto #0
-__all__ = ['LR_SCHEDULES', 'process_state', 'cpu_threads', 'atomic_write', 'disk_full', 'warmup_lr', 'save_state', 'load_state',
-           'rng_state', 'set_rng_state', 'RunFolderBusy', 'RunLock', 'run_child', 'watch_parent']
+__all__ = ['LR_SCHEDULES', 'process_state', 'job_accelerator', 'cpu_threads', 'atomic_write', 'disk_full', 'warmup_lr',
+           'save_state', 'load_state', 'rng_state', 'set_rng_state', 'RunFolderBusy', 'RunLock', 'run_child',
+           'watch_parent']
 
 # %% ../nbs/06a_runtime.ipynb #c1dc38cf
 def process_state() -> PartialState:
     "Accelerate's process state; a multi-process launch on a machine without accelerator runs on CPU with gloo."
     flag = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     return PartialState(cpu=flag or ("LOCAL_RANK" in os.environ and not torch.accelerator.is_available()))
+
+# %% ../nbs/06a_runtime.ipynb #6289939b
+def job_accelerator(**kw):
+    """`accelerate.Accelerator(**kw)` for a job, with a clear error when this Python process already set Accelerate up
+    with another mixed precision or device (Accelerate keeps the first for the whole process)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    try: return Accelerator(**kw)
+    except ValueError as e:
+        if "already been initialized" not in str(e): raise
+        st = AcceleratorState()
+        raise RuntimeError(f"this Python process already ran a job with mixed_precision={st.mixed_precision!r} on "
+                           f"{st.device.type}, and Accelerate keeps that set-up for the whole process; this job asks for "
+                           f"mixed_precision={kw.get('mixed_precision', 'no')!r}{' on the CPU' if kw.get('cpu') else ''}. "
+                           f"Restart the kernel (or run the job in its own process), or give it "
+                           f"mixed_precision={st.mixed_precision!r}") from None
 
 # %% ../nbs/06a_runtime.ipynb #99ae4c2d
 @contextmanager

@@ -9,14 +9,13 @@ from dataclasses import dataclass, field, asdict, fields
 from pathlib import Path
 import torch
 import torch.nn as nn
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from .drift import alpha_to_weight, sample_alpha
 from .generator import unwrap_model
-from .runtime import cpu_threads, process_state, RunLock, run_child, warmup_lr, LR_SCHEDULES
+from .runtime import cpu_threads, process_state, RunLock, run_child, warmup_lr, LR_SCHEDULES, job_accelerator
 from .run import (sample_shape, load_vae, make_decode, build_model, list_checkpoints, latest_checkpoint,
                              check_resumable, save_checkpoint, load_checkpoint, remove_partial_checkpoints,
                              truncate_metrics, log_metrics, Run, load_run)
@@ -447,7 +446,7 @@ def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None) -> dict:
         raise FileExistsError(f"{out} already holds checkpoints (latest {list_checkpoints(out)[-1].name}): pass --resume "
                               "to continue it, or choose another --output-dir")
     dataset = build_dataset(cfg)                                     # data errors before anything is written
-    accelerator = Accelerator(cpu=process_state().device.type == "cpu", mixed_precision=_mixed_precision(cfg),
+    accelerator = job_accelerator(cpu=process_state().device.type == "cpu", mixed_precision=_mixed_precision(cfg),
                               gradient_accumulation_steps=cfg.grad_accum, log_with="tensorboard", project_dir=str(out))
     rank, world, device, main = accelerator.process_index, accelerator.num_processes, accelerator.device, accelerator.is_main_process
     if cfg.Nc % world: raise ValueError(f"Nc={cfg.Nc} classes per step cannot be split over {world} processes")

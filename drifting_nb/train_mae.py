@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 from .features import build_encoder, save_encoder, load_encoder
 from .runtime import (cpu_threads, process_state, RunLock, watch_parent, save_state, load_state,
-                                 rng_state, set_rng_state, warmup_lr)
+                                 rng_state, set_rng_state, warmup_lr, job_accelerator)
 from .mae import MAE, CropDataset, mae_loss, random_patch_mask, cls_lambda
 
 # %% auto #0
@@ -163,7 +163,6 @@ def train_mae(cfg: MAEConfig, output_dir, data_dir=None, max_steps: int | None =
 
 def _train_mae(cfg: MAEConfig, output_dir, data_dir=None, max_steps: int | None = None, seed: int = 0,
                resume: bool = False, preset: str = "", progress: bool = True) -> dict:
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
     from tqdm.auto import tqdm
@@ -171,8 +170,8 @@ def _train_mae(cfg: MAEConfig, output_dir, data_dir=None, max_steps: int | None 
     output_dir = Path(output_dir)
     mp = cfg.mixed_precision
     if mp == "auto": mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    acc = Accelerator(cpu=process_state().device.type == "cpu", mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum,
-                      log_with=None if cfg.log_with == "none" else cfg.log_with, project_dir=str(output_dir))
+    acc = job_accelerator(cpu=process_state().device.type == "cpu", mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum,
+                          log_with=None if cfg.log_with == "none" else cfg.log_with, project_dir=str(output_dir))
     set_seed(seed, device_specific=True)
     micro = cfg.batch_size // (acc.num_processes * cfg.grad_accum)
     if micro < 1 or micro * acc.num_processes * cfg.grad_accum != cfg.batch_size:

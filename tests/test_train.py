@@ -247,3 +247,17 @@ def test_real_feature_table_finds_every_queued_sample(folder, dtype):
     got = table(real.float())
     assert table.misses == 0 and table.hits == len(real)
     assert torch.equal(got["pixels"], phi(real.float())["pixels"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU set-up of Accelerate is what this test holds fixed")
+def test_a_second_precision_in_one_process_is_refused_clearly(encoder, folder, tmp_path):
+    "Accelerate keeps one mixed precision per process (a notebook's kernel): the error names the setting, writes nothing."
+    from drifting_nb.runtime import job_accelerator
+    job_accelerator(cpu=True, mixed_precision="no")                     # as every other CPU run of this process
+    cfg = get_config("tiny-pixel", data_dir=str(folder), output_dir=str(tmp_path / "run"), encoder_path=encoder,
+                     mixed_precision="bf16")
+    with pytest.raises(RuntimeError, match=r"mixed_precision='no'.*mixed_precision='bf16'.*Restart the kernel"):
+        train(cfg)
+    assert not (tmp_path / "run" / "config.json").exists() and not list_checkpoints(tmp_path / "run")
+    train(get_config("tiny-pixel", data_dir=str(folder), output_dir=str(tmp_path / "run"), encoder_path=encoder,
+                     mixed_precision="no", max_steps=2, ckpt_every=2, sample_every=0))   # the process's precision still runs
