@@ -26,11 +26,14 @@ def process_state() -> PartialState:
     return PartialState(cpu=flag or ("LOCAL_RANK" in os.environ and not torch.accelerator.is_available()))
 
 # %% ../nbs/06a_runtime.ipynb #6289939b
-def job_accelerator(**kw):
-    """`accelerate.Accelerator(**kw)` for a job, with a clear error when this Python process already set Accelerate up
-    with another mixed precision or device (Accelerate keeps the first for the whole process)."""
+def job_accelerator(mixed_precision: str = "no", **kw):
+    """`accelerate.Accelerator(mixed_precision=..., **kw)` for a job. mixed_precision "auto" is bf16 on a GPU that has
+    it, else no. A clear error when this Python process already set Accelerate up with another mixed precision or
+    device (Accelerate keeps the first for the whole process)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    if mixed_precision == "auto": mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    kw["mixed_precision"] = mixed_precision
     try: return Accelerator(**kw)
     except ValueError as e:
         if "already been initialized" not in str(e): raise

@@ -373,8 +373,9 @@ def real_feature_table(dataset, phi, device, accelerator=None, queue=None):
     if len(dataset) > REAL_FEATURE_TABLE_MAX:
         raise ValueError(f"--real-feature-table holds phi of the whole data set in memory: {len(dataset)} samples is "
                          f"over {REAL_FEATURE_TABLE_MAX}; leave it off for large data sets")
-    x = torch.stack([dataset[i][0] for i in range(len(dataset))]).to(device)
-    if queue is not None: x = queue.as_stored(x).float().to(device)      # the loss reads reals in float32
+    x = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    if queue is not None: x = queue.as_stored(x).float()                 # the loss reads reals in float32
+    x = x.to(device)
     with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
         return RealFeatureTable(phi, x)
 
@@ -410,10 +411,6 @@ def draw_step(cfg, n_classes_local: int, queue, gen: torch.Generator, gen_dev: t
     return labels.to(device), alpha.to(device), pos, unc, w, noise, style
 
 # %% ../nbs/07_train.ipynb #f3aec3b2
-def _mixed_precision(cfg) -> str:
-    if cfg.mixed_precision != "auto": return cfg.mixed_precision
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-
 def lr_lambda(cfg):
     "LambdaLR multiplier of update `step` (0-based): the release's warmup, then cfg.lr_schedule (`runtime.warmup_lr`)."
     return lambda step: warmup_lr(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.lr_schedule) / cfg.lr
@@ -446,7 +443,7 @@ def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None) -> dict:
         raise FileExistsError(f"{out} already holds checkpoints (latest {list_checkpoints(out)[-1].name}): pass --resume "
                               "to continue it, or choose another --output-dir")
     dataset = build_dataset(cfg)                                     # data errors before anything is written
-    accelerator = job_accelerator(cpu=process_state().device.type == "cpu", mixed_precision=_mixed_precision(cfg),
+    accelerator = job_accelerator(cpu=process_state().device.type == "cpu", mixed_precision=cfg.mixed_precision,
                               gradient_accumulation_steps=cfg.grad_accum, log_with="tensorboard", project_dir=str(out))
     rank, world, device, main = accelerator.process_index, accelerator.num_processes, accelerator.device, accelerator.is_main_process
     if cfg.Nc % world: raise ValueError(f"Nc={cfg.Nc} classes per step cannot be split over {world} processes")

@@ -168,9 +168,7 @@ def _train_mae(cfg: MAEConfig, output_dir, data_dir=None, max_steps: int | None 
     from tqdm.auto import tqdm
     from drifting_nb.data import InfiniteLoader
     output_dir = Path(output_dir)
-    mp = cfg.mixed_precision
-    if mp == "auto": mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    acc = job_accelerator(cpu=process_state().device.type == "cpu", mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum,
+    acc = job_accelerator(cpu=process_state().device.type == "cpu", mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                           log_with=None if cfg.log_with == "none" else cfg.log_with, project_dir=str(output_dir))
     set_seed(seed, device_specific=True)
     micro = cfg.batch_size // (acc.num_processes * cfg.grad_accum)
