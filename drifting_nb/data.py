@@ -5,7 +5,8 @@
 # %% auto #0
 __all__ = ['make_fake_imagefolder', 'ADMCenterCrop', 'adm_transform', 'rrc_transform', 'to_uint8', 'read_class_list',
            'SafeImageFolder', 'resolve_split', 'image_folder', 'SDVAE', 'tiny_vae', 'SampleQueue', 'fill_queue',
-           'InfiniteLoader', 'DigitsSplit', 'digits_split', 'cifar10']
+           'shard_classes', 'dataset_labels', 'class_subset', 'InfiniteLoader', 'DigitsSplit', 'digits_split',
+           'cifar10']
 
 # %% ../nbs/06_data.ipynb #6fb5363a
 import os, warnings
@@ -66,9 +67,15 @@ def rrc_transform(size:int=256, scale=(0.2, 1.0), hflip:bool=True):
                        *([v2.RandomHorizontalFlip()] if hflip else []), *_to_unit_range()])
 
 # %% ../nbs/06_data.ipynb #15b0f141
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    "Images [n,C,H,W] in [-1,1] -> uint8 [n,H,W,C] (clamped and rounded), for saving and scoring."
-    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+def to_uint8(x: torch.Tensor, rounding: str = "round") -> torch.Tensor:
+    """Images [n,C,H,W] in [-1,1] -> uint8 [n,H,W,C], clamped. `rounding="round"` (default: saved images) rounds to
+    the nearest level; `"truncate"` is the release's FID path, `((x + 1) / 2).clip(0, 1) * 255` cast to uint8 (floor),
+    on average half a level darker: use it where an FID is compared with the paper's (`evaluate` does)."""
+    if rounding not in ("round", "truncate"):
+        raise ValueError(f"rounding must be 'round' (saved images) or 'truncate' (the release's FID), got {rounding!r}")
+    x = x.detach().float()
+    y = ((x.clamp(-1, 1) + 1) * 127.5).round() if rounding == "round" else (((x + 1) / 2).clamp(0, 1) * 255).floor()
+    return y.to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 # %% ../nbs/06_data.ipynb #e662c929
 def read_class_list(classes) -> list[str]:
@@ -209,13 +216,21 @@ def tiny_vae(seed:int=0, channels=(8, 16, 16, 16)) -> SDVAE:
 
 # %% ../nbs/06_data.ipynb #00ff68ee
 class SampleQueue:
-    "Per-class FIFOs of real samples and one global FIFO for unconditional samples (SPEC 7, A.8)."
+    """Per-class FIFOs of real samples and one global FIFO for unconditional samples (SPEC 7, A.8). `classes`: the
+    classes this queue holds FIFOs for (default all): a multi-process run shards the classes over its processes
+    (`shard_classes`), so that a node holds one bank, as the release's one bank per host; pushed samples of other
+    classes go only to the global FIFO."""
     def __init__(self, num_classes:int, sample_shape, per_class:int=128, global_size:int=1000,
-                 dtype=torch.float32, device="cpu", seed:int=0):
+                 dtype=torch.float32, device="cpu", seed:int=0, classes=None):
         self.num_classes, self.sample_shape = num_classes, tuple(sample_shape)
         self.per_class, self.global_size, self.device = per_class, global_size, torch.device(device)
-        self.pos = torch.zeros(num_classes, per_class, *self.sample_shape, dtype=dtype, device=device)  # [C,P,*S]
-        self.pushed = torch.zeros(num_classes, dtype=torch.long)           # [C] samples ever pushed per class
+        self.classes = torch.arange(num_classes) if classes is None else torch.as_tensor(classes).long().flatten()
+        if len(self.classes) == 0 or self.classes.min() < 0 or self.classes.max() >= num_classes or len(self.classes.unique()) != len(self.classes):
+            raise ValueError(f"classes must be distinct labels in [0, {num_classes}), got {self.classes.tolist()[:10]}")
+        self.row = torch.full((num_classes,), -1, dtype=torch.long)       # [C] FIFO row of each class, -1: not held
+        self.row[self.classes] = torch.arange(len(self.classes))
+        self.pos = torch.zeros(len(self.classes), per_class, *self.sample_shape, dtype=dtype, device=device)  # [R,P,*S]
+        self.pushed = torch.zeros(num_classes, dtype=torch.long)           # [C] samples ever stored per class
         self.unc = torch.zeros(global_size, *self.sample_shape, dtype=dtype, device=device)            # [G,*S]
         self.unc_labels = torch.full((global_size,), -1, dtype=torch.long) # [G] labels of the global FIFO
         self.unc_pushed = torch.zeros((), dtype=torch.long)                # samples ever pushed, globally
@@ -228,19 +243,23 @@ class SampleQueue:
     @property
     def unc_count(self) -> int: return int(self.unc_pushed.clamp(max=self.global_size))
 
-    def push(self, samples, labels):
-        "Add samples [n,*S] with labels [n] to their class FIFOs and the global FIFO (the oldest drop out)."
+    def push(self, samples, labels, to_pos:bool=True, to_unc:bool=True):
+        """Add samples [n,*S] with labels [n] to their class FIFOs (classes held) and the global FIFO (the oldest drop
+        out); `to_pos` / `to_unc` False skip one of them."""
         labels = torch.as_tensor(labels).long().cpu()
         if samples.shape[1:] != self.sample_shape or len(samples) != len(labels):
             raise ValueError(f"push expects samples [n,{','.join(map(str, self.sample_shape))}] and n labels, got {tuple(samples.shape)} and {tuple(labels.shape)}")
         if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise ValueError(f"labels must lie in [0, {self.num_classes}), got {labels.min().item()}..{labels.max().item()}")
         samples, n = self._store(samples.detach().to(self.device)), len(labels)
-        # global FIFO: the last `global_size` of the batch, in order
-        k = torch.arange(max(0, n - self.global_size), n)
-        slots = (self.unc_pushed + k) % self.global_size
-        self.unc[slots.to(self.device)], self.unc_labels[slots] = samples[k.to(self.device)], labels[k]
-        self.unc_pushed += n
+        if to_unc:    # global FIFO: the last `global_size` of the batch, in order
+            k = torch.arange(max(0, n - self.global_size), n)
+            slots = (self.unc_pushed + k) % self.global_size
+            self.unc[slots.to(self.device)], self.unc_labels[slots] = samples[k.to(self.device)], labels[k]
+            self.unc_pushed += n
+        if not to_pos: return
+        held = (self.row[labels] >= 0).nonzero().flatten()
+        if len(held) < n: samples, labels, n = samples[held.to(self.device)], labels[held], len(held)
         # class FIFOs: rank of each sample within its class (push order), keep the last `per_class`
         order = torch.argsort(labels, stable=True)
         lab = labels[order]
@@ -249,7 +268,7 @@ class SampleQueue:
         keep = rank >= n_c[lab] - self.per_class
         order, lab, rank = order[keep], lab[keep], rank[keep]
         slots = (self.pushed[lab] + rank) % self.per_class
-        self.pos[lab.to(self.device), slots.to(self.device)] = samples[order.to(self.device)]
+        self.pos[self.row[lab].to(self.device), slots.to(self.device)] = samples[order.to(self.device)]
         self.pushed += n_c
 
     def _store(self, x):
@@ -264,8 +283,8 @@ class SampleQueue:
         return self._load(self._store(x.detach().to(self.device)))
 
     def ready(self, n_pos:int, n_unc:int=0, labels=None) -> bool:
-        "True when every class (or every class in `labels`) holds >= `n_pos` samples and the global FIFO >= `n_unc`."
-        c = self.counts if labels is None else self.counts[torch.as_tensor(labels).long().cpu()]
+        "True when every class held (or every class in `labels`) holds >= `n_pos` samples and the global FIFO >= `n_unc`."
+        c = self.counts[self.classes] if labels is None else self.counts[torch.as_tensor(labels).long().cpu()]
         return bool((c >= n_pos).all()) and self.unc_count >= n_unc
 
     def _subsets(self, filled, size:int, n:int):
@@ -277,10 +296,13 @@ class SampleQueue:
     def draw_pos(self, labels, n:int) -> torch.Tensor:
         "`n` samples of each class in `labels` [L], without replacement within a row -> [L,n,*S]."
         labels = torch.as_tensor(labels).long().cpu()
+        foreign = sorted(set(labels[self.row[labels] < 0].tolist()))
+        if foreign: raise ValueError(f"class(es) {foreign[:10]} are not held by this queue (it holds {len(self.classes)} of "
+                                     f"{self.num_classes} classes: another process's shard)")
         short = sorted(set(labels[self.counts[labels] < n].tolist()))
         if short: raise ValueError(f"class(es) {short[:10]} hold fewer than n={n} samples (counts {self.counts[short[:10]].tolist()}); fill the queue first")
         idx = self._subsets(self.counts[labels], self.per_class, n)       # [L,n]
-        return self._load(self.pos[labels[:, None].to(self.device), idx.to(self.device)])
+        return self._load(self.pos[self.row[labels][:, None].to(self.device), idx.to(self.device)])
 
     def draw_unc(self, m:int, n:int, return_labels:bool=False):
         "`m` sets of `n` samples of any class from the global FIFO, each without replacement -> [m,n,*S] (and labels [m,n])."
@@ -291,37 +313,70 @@ class SampleQueue:
 
     def class_samples(self, c:int) -> torch.Tensor:
         "The samples held for class `c`, oldest first -> [count,*S]."
-        k = int(self.counts[c])
-        return self._load(self.pos[c].roll(-int(self.pushed[c] % self.per_class), 0)[-k:] if k else self.pos[c, :0])
+        k, r = int(self.counts[c]), int(self.row[c])
+        if r < 0: return self._load(self.pos[0, :0])
+        return self._load(self.pos[r].roll(-int(self.pushed[c] % self.per_class), 0)[-k:] if k else self.pos[r, :0])
 
     def state_dict(self) -> dict:
         return dict(num_classes=self.num_classes, sample_shape=self.sample_shape, per_class=self.per_class,
-                    global_size=self.global_size, pos=self.pos, pushed=self.pushed, unc=self.unc,
+                    global_size=self.global_size, classes=self.classes, pos=self.pos, pushed=self.pushed, unc=self.unc,
                     unc_labels=self.unc_labels, unc_pushed=self.unc_pushed, generator=self.generator.get_state())
 
     def load_state_dict(self, sd:dict):
         for k in ("num_classes", "sample_shape", "per_class", "global_size"):
             mine, theirs = getattr(self, k), (tuple(sd[k]) if k == "sample_shape" else sd[k])
             if mine != theirs: raise ValueError(f"queue state has {k}={theirs}, this queue has {mine}: it comes from a different configuration")
+        theirs = torch.as_tensor(sd.get("classes", torch.arange(self.num_classes)))
+        if not torch.equal(theirs, self.classes):
+            raise ValueError(f"queue state holds {len(theirs)} classes ({theirs.tolist()[:5]}...), this queue {len(self.classes)} "
+                             f"({self.classes.tolist()[:5]}...): it was written with another number of processes")
         for k in ("pos", "pushed", "unc", "unc_labels", "unc_pushed"): getattr(self, k).copy_(sd[k])
         self.generator.set_state(sd["generator"])
 
 # %% ../nbs/06_data.ipynb #1e783105
-def fill_queue(queue:SampleQueue, batches:Iterator, n_pos:int, n_unc:int=0, max_batches:int|None=None) -> int:
-    "Push `(x, y)` batches from `batches` until every class holds `n_pos` samples and the global FIFO `n_unc`."
+def fill_queue(queue:SampleQueue, batches:Iterator, n_pos:int, n_unc:int=0, max_batches:int|None=None,
+               unc_batches:Iterator|None=None) -> int:
+    """Push `(x, y)` batches from `batches` until every class held holds `n_pos` samples and the global FIFO `n_unc`.
+    With `unc_batches` (a sharded queue's loader over all classes), `batches` fill the class FIFOs and `unc_batches`
+    the global FIFO. Returns the number of batches used."""
     if n_pos > queue.per_class or n_unc > queue.global_size:
         raise ValueError(f"n_pos={n_pos} / n_unc={n_unc} exceed the queue sizes {queue.per_class} / {queue.global_size}")
     used = 0
     while not queue.ready(n_pos, n_unc):
         if max_batches is not None and used >= max_batches: break
-        try: x, y = next(batches)
+        try:
+            if not queue.ready(n_pos, 0): x, y = next(batches); queue.push(x, y, to_unc=unc_batches is None)
+            else: x, y = next(unc_batches if unc_batches is not None else batches); queue.push(x, y)
         except StopIteration: break
-        queue.push(x, y); used += 1
+        used += 1
     if not queue.ready(n_pos, n_unc):
-        short = (queue.counts < n_pos).nonzero().flatten().tolist()
+        short = queue.classes[queue.counts[queue.classes] < n_pos].tolist()
         raise RuntimeError(f"after {used} batches, class(es) {short[:10]} hold fewer than {n_pos} samples "
                            f"(global FIFO {queue.unc_count}/{n_unc}): the data may lack those classes")
     return used
+
+# %% ../nbs/06_data.ipynb #f875312c
+def shard_classes(num_classes:int, rank:int=0, world_size:int=1) -> torch.Tensor:
+    "The classes process `rank` of `world_size` holds queues for: c % world_size == rank (as even as can be) -> [R]."
+    if not 0 <= rank < world_size: raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    if world_size > num_classes:
+        raise ValueError(f"{world_size} processes cannot share {num_classes} classes: each needs at least one (queue_shard=False)")
+    return torch.arange(rank, num_classes, world_size)
+
+def dataset_labels(dataset) -> torch.Tensor:
+    "The label of every item of `dataset` [n], without reading the samples where the data set knows them."
+    if isinstance(dataset, torch.utils.data.Subset):
+        return dataset_labels(dataset.dataset)[torch.as_tensor(dataset.indices).long()]
+    if isinstance(dataset, TensorDataset): return dataset.tensors[1].long().flatten()
+    if hasattr(dataset, "targets"): return torch.as_tensor(dataset.targets).long()
+    if hasattr(dataset, "labels") and hasattr(dataset, "num_images"):      # a latent cache, flipped views after
+        return dataset.labels.long().repeat(len(dataset) // dataset.num_images)
+    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])
+
+def class_subset(dataset, classes) -> torch.utils.data.Subset:
+    "The items of `dataset` whose label is in `classes` (a process's shard), in data set order."
+    keep = torch.isin(dataset_labels(dataset), torch.as_tensor(classes).long())
+    return torch.utils.data.Subset(dataset, keep.nonzero().flatten().tolist())
 
 # %% ../nbs/06_data.ipynb #6d30b78c
 class InfiniteLoader:

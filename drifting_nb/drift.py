@@ -167,7 +167,8 @@ def feature_drift(gen: Tensor, pos: Tensor, neg: Tensor | None = None, neg_weigh
                   taus=(0.02, 0.05, 0.2), normalize: str = "xy", pos_mult: float = 1.0, neg_mult: float = 1.0,
                   feature_norm: bool = True, drift_norm: bool = True, self_neg: bool = True,
                   mask_value: float = 100.0, min_affinity: float = 1e-3, center="auto", global_batch: bool = False,
-                  groups=None, chunk_elems: int = CHUNK_ELEMS):
+                  groups=None, chunk_elems: int = CHUNK_ELEMS, sums: Tensor | None = None, ms: Tensor | None = None,
+                  partial: str | None = None):
     """Normalised multi-temperature drift of Sec. 3.4 on a batch of independent problems, in float32.
     gen [B,N,D] generated features; pos [B,P,D] positives; neg [B,M,D] extra negatives (CFG unconditional reals) with
     neg_weight (float, [M] or [B,M]); the generated samples are negatives too (self-masked) unless self_neg=False.
@@ -179,8 +180,15 @@ def feature_drift(gen: Tensor, pos: Tensor, neg: Tensor | None = None, neg_weigh
     the affinity at 1e-3. center: True | False | "auto" (centre each problem on its mean sample when the offset dwarfs
     the spread). global_batch: S and the drift RMS are means over the problems of all processes (torch.distributed
     sums, as the release normalises over its global batch), not only over this call's. chunk_elems: problems are
-    worked on in chunks of about this many kernel (or target) entries, every temperature at once."""
+    worked on in chunks of about this many kernel (or target) entries, every temperature at once.
+    A step split into micro-batches (grad_accum) takes its two statistics over all of them, as one call on the whole
+    batch would: partial="sums" returns this call's part [G,2] of S's sums (weighted distance, weight) and stops;
+    partial="ms" (with the step's `sums`) returns its part [G,K+1] of the drift's sums of squares (per temperature,
+    then the element count) and stops; with both `sums` and `ms` given (summed over every micro-batch and process),
+    V is normalised by them and nothing is reduced here."""
     _check_normalize(normalize)
+    if partial not in (None, "sums", "ms"): raise ValueError(f"partial must be None, 'sums' or 'ms', got {partial!r}")
+    if (partial == "ms" or ms is not None) and sums is None: raise ValueError("the drift's sums (ms) need the step's S sums first")
     if gen.dim() != 3 or pos.dim() != 3 or pos.shape[0] != gen.shape[0] or pos.shape[2] != gen.shape[2]:
         raise ValueError(f"expected gen [B,N,D] and pos [B,P,D], got {tuple(gen.shape)} and {tuple(pos.shape)}")
     if neg is not None and (neg.dim() != 3 or neg.shape[0] != gen.shape[0] or neg.shape[2] != gen.shape[2]):
@@ -215,8 +223,12 @@ def feature_drift(gen: Tensor, pos: Tensor, neg: Tensor | None = None, neg_weigh
     w = torch.ones(B, T, dtype=x.dtype, device=x.device)   # kernel weight of each target
     if M: w[:, T - M:] = _as_weight(neg_weight, B, M, x)
     # feature normalisation: weighted mean distance over all generated-vs-target pairs (own pairs included), per group
-    sums = _group_sum(torch.stack([torch.einsum("bnt,bt->b", dist, w), N * w.sum(-1)], -1), seg, G)   # [G,2]
-    if global_batch: _all_reduce(sums)                      # over the problems of every process
+    part = _group_sum(torch.stack([torch.einsum("bnt,bt->b", dist, w), N * w.sum(-1)], -1), seg, G)   # [G,2]
+    if partial == "sums": return part
+    if sums is None:
+        sums = part
+        if global_batch: _all_reduce(sums)                  # over the problems of every process
+    else: sums = sums.to(part)
     S = (sums[:, 0] / sums[:, 1]).float()                   # [G]
     scale = (S / math.sqrt(D)).clamp_min(MIN_SCALE) if feature_norm else torch.ones_like(S)
     unit = S.clamp_min(MIN_SCALE) if feature_norm else torch.ones_like(S)   # distances are divided by it
@@ -247,8 +259,12 @@ def feature_drift(gen: Tensor, pos: Tensor, neg: Tensor | None = None, neg_weigh
             F.view(n, K, N, D).addcmul_(s_pos * s_neg * (neg_mult - pos_mult), xs[:, None])
         sq[sl] = torch.linalg.vector_norm(F.view(n, K, N * D), dim=-1).square_()
     # unit mean square per group and temperature, in normalised units (as released: the RMS is floored at 1e-4)
-    ms = _group_sum(torch.cat([sq, sq.new_full((B, 1), float(N * D))], -1), seg, G)   # [G,K+1]
-    if global_batch: _all_reduce(ms)                        # one reduction for all groups and temperatures
+    part = _group_sum(torch.cat([sq, sq.new_full((B, 1), float(N * D))], -1), seg, G)   # [G,K+1]
+    if partial == "ms": return part
+    if ms is None:
+        ms = part
+        if global_batch: _all_reduce(ms)                    # one reduction for all groups and temperatures
+    else: ms = ms.to(part)
     rms = (ms[:, :K] / ms[:, K:]).sqrt().float() / scale[:, None]    # [G,K]
     coef = 1.0 / (scale[:, None] * (rms.clamp_min(1e-4) if drift_norm else torch.ones_like(rms)))   # [G,K]
     V = torch.bmm(coef[seg][:, None], forces.view(B, K, N * D)).view(B, N, D)   # the normalised sum over temperatures
@@ -262,9 +278,10 @@ class _DriftRegression(torch.autograd.Function):
     over the group and the gradient with respect to gen is -2 V / (s_g * numel_g). gen [B,N,D], V [B,N,D] (normalised
     units), s [G] feature scales, seg [B] group of each problem. Returns [G]."""
     @staticmethod
-    def forward(ctx, gen, V, s, seg):
+    def forward(ctx, gen, V, s, seg, count=None):
         G = s.shape[0]
-        count = _group_sum(torch.full_like(seg, V[0].numel(), dtype=torch.float64), seg, G)   # [G] elements per group
+        if count is None: count = _group_sum(torch.full_like(seg, V[0].numel(), dtype=torch.float64), seg, G)   # [G] elements
+        else: count = count.to(device=V.device, dtype=torch.float64)
         ctx.save_for_backward(V, s, seg, count)
         ctx.gen_dtype = gen.dtype
         return (_group_sum(torch.linalg.vector_norm(V.flatten(1), dim=1).square_(), seg, G) / count).float()
@@ -272,20 +289,23 @@ class _DriftRegression(torch.autograd.Function):
     def backward(ctx, g):
         V, s, seg, count = ctx.saved_tensors
         coef = (g.double() * -2.0 / (count * s.double())).float()[seg]   # [B]
-        return (V * coef[:, None, None]).to(ctx.gen_dtype), None, None, None   # one pass over [B,N,D]
+        return (V * coef[:, None, None]).to(ctx.gen_dtype), None, None, None, None   # one pass over [B,N,D]
 
 @_float32
-def feature_drifting_loss(gen: Tensor, pos: Tensor, neg: Tensor | None = None, neg_weight=None, groups=None, **kw):
+def feature_drifting_loss(gen: Tensor, pos: Tensor, neg: Tensor | None = None, neg_weight=None, groups=None,
+                          count: Tensor | None = None, **kw):
     """Eq. (13)/(6) in a normalised feature space, summed over temperatures (Sec. 3.4, A.6).
     gen [B,N,D] with grad (B problems = class x feature location), pos [B,P,D], neg [B,M,D] weighted CFG negatives,
     neg_weight float | [M] | [B,M]; keywords as `feature_drift` (global_batch=True in a multi-process run).
     Returns (scalar float32 loss, info dict), whatever the caller's autocast; with `groups` (sizes of consecutive runs
     of problems, one feature each) the loss is [G], one value per group, each as if computed alone.
-    The value and gradient are those of mean((gen/s - stopgrad(gen/s + V))**2), s = info["scale"]."""
+    The value and gradient are those of mean((gen/s - stopgrad(gen/s + V))**2), s = info["scale"]. In a step split into
+    micro-batches, `count` [G] is the number of elements the mean runs over (all the process's micro-batches), so that
+    the micro-batches' losses add up to the whole batch's."""
     V, info = feature_drift(gen.detach(), pos.detach(), None if neg is None else neg.detach(), neg_weight,
                             groups=groups, **kw)
     seg, _ = _segments(groups, gen.shape[0], gen.device)
-    loss = _DriftRegression.apply(gen, V, info["scale"].reshape(-1), seg)
+    loss = _DriftRegression.apply(gen, V, info["scale"].reshape(-1), seg, count)
     return (loss[0] if groups is None else loss), info
 
 # %% ../nbs/00_drift.ipynb #c4eb3237

@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_evaluate.ipynb #df3039a2
 from __future__ import annotations
-import argparse, hashlib, importlib, json, math, os, tempfile, time, warnings
+import argparse, hashlib, importlib, inspect, json, math, os, tempfile, time, warnings
 from pathlib import Path
 import numpy as np
 import torch
@@ -21,11 +21,11 @@ from torch_fidelity.utils import create_feature_extractor
 from . import run as _run
 
 # %% auto #0
-__all__ = ['IMAGE_KEYS', 'DEFAULT_ALPHAS', 'feature_stats', 'frechet_distance', 'inception_score', 'precision_recall',
-           'DigitsClassifier', 'cache_dir', 'train_digits_classifier', 'class_spread', 'DigitsScorer',
-           'DigitsFeatureExtractor', 'resolve_extractor', 'to_extractor_input', 'FidelityFeatures', 'load_ref_stats',
-           'load_images', 'iter_batches', 'compute_ref_stats', 'save_ref_stats', 'metrics_from_features',
-           'evaluate_alpha', 'evaluate_run', 'evaluate_parser', 'main']
+__all__ = ['IMAGE_KEYS', 'DEFAULT_ALPHAS', 'ROUNDINGS', 'feature_stats', 'frechet_distance', 'inception_score',
+           'precision_recall', 'DigitsClassifier', 'cache_dir', 'train_digits_classifier', 'class_spread',
+           'DigitsScorer', 'DigitsFeatureExtractor', 'resolve_extractor', 'to_extractor_input', 'FidelityFeatures',
+           'load_ref_stats', 'load_images', 'iter_batches', 'compute_ref_stats', 'save_ref_stats',
+           'metrics_from_features', 'rounded_run', 'evaluate_alpha', 'evaluate_run', 'evaluate_parser', 'main']
 
 # %% ../nbs/08_evaluate.ipynb #74b56393
 def feature_stats(feats: Tensor) -> dict:
@@ -380,15 +380,37 @@ def metrics_from_features(feats: dict, layers: dict, ref: dict, real_feats: dict
     return out
 
 # %% ../nbs/08_evaluate.ipynb #429cb153
-DEFAULT_ALPHAS = (1.0, 1.1, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5)
+DEFAULT_ALPHAS = (1.0, 1.1, 1.2, 1.4, 1.6, 1.8, 2.0, 2.5, 3.0, 3.5)   # the release's evaluation grid (cfg_list)
+ROUNDINGS = ("truncate", "round")   # float images -> uint8: the release's FID path truncates; saved images round
+
+class _RoundedRun:
+    "A run whose `sample(labels, alpha, generator)` makes its uint8 images with `rounding` (see `rounded_run`)."
+    def __init__(self, run, rounding: str): self.run, self.rounding = run, rounding
+    def __getattr__(self, name): return getattr(self.run, name)
+    def sample(self, labels, alpha: float = 1.0, generator=None):
+        return self.run.sample(labels, alpha, generator=generator, rounding=self.rounding)
+
+def rounded_run(run, rounding: str = "truncate"):
+    """`run` making its uint8 samples with `rounding`: 'truncate' (the release's FID path, `(x * 255).clip(0, 255)`
+    cast to uint8: what the paper's FIDs were computed on) or 'round'. A run whose `sample` has no `rounding` argument
+    is returned as it is, with a warning when truncation was asked for: its images are whatever it makes."""
+    if rounding not in ROUNDINGS: raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    if isinstance(run, _RoundedRun): run = run.run
+    if "rounding" in inspect.signature(run.sample).parameters: return _RoundedRun(run, rounding)
+    if rounding != "round":
+        warnings.warn(f"{type(run).__name__}.sample takes no `rounding` argument: its uint8 images are made its own way, "
+                      "not truncated as the release's FID path; give it a `rounding` argument to compare with the paper")
+    return run
 
 def evaluate_alpha(run, alpha: float, num_samples: int, features: FidelityFeatures, ref: dict, real_feats=None,
                    batch_size: int = 250, seed: int = 0, progress: bool = False, return_feats: bool = False,
-                   accelerator=None):
+                   accelerator=None, rounding: str = "truncate"):
     """Metrics of `num_samples` class-balanced samples at CFG scale `alpha` (and the features when `return_feats`).
+    `rounding`: how the run turns its images into uint8 (`rounded_run`; default the release's truncation).
     With an `accelerator` of several processes, each generates and embeds every `num_processes`-th sample (seed
     `seed + rank`) and the features meet on the main process, which returns the metrics; the others return None."""
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    run = rounded_run(run, rounding)
     labels = _run.balanced_labels(num_samples, run.num_classes)[rank::world]            # this process's share
     batches = (x for x, _ in _run.iter_samples(run, labels, alpha, batch_size, seed + rank, progress, desc=f"alpha={alpha:g}"))
     feats = features.extract(batches) if len(labels) else {}
@@ -403,16 +425,18 @@ def evaluate_alpha(run, alpha: float, num_samples: int, features: FidelityFeatur
 
 def evaluate_run(run, ref: dict, features: FidelityFeatures, alphas=DEFAULT_ALPHAS, num_samples: int = 50_000,
                  sweep_num_samples: int | None = 10_000, real_images=None, batch_size: int = 250, seed: int = 0,
-                 progress: bool = False, log=print) -> dict:
+                 progress: bool = False, log=print, rounding: str = "truncate") -> dict:
     """FID / IS / precision-recall of a run (Sec. 5 protocol). Several `alphas`: sweep at `sweep_num_samples`
-    (None or 0: at `num_samples`), pick the lowest FID, evaluate it at `num_samples`. Returns
+    (None or 0: at `num_samples`), pick the lowest FID, evaluate it at `num_samples`. Images become uint8 by
+    `rounding` (default 'truncate', as the release's FID; see `rounded_run`). Returns
     {'best': {...}, 'sweep': [{alpha, fid, isc_mean, ...}], ...}."""
     alphas = [float(a) for a in (alphas if np.ndim(alphas) else [alphas])]
     if not alphas: raise ValueError("no alpha to evaluate")
     if num_samples < 2: raise ValueError(f"num_samples must be at least 2, got {num_samples}")
     t0 = time.time()
+    run = rounded_run(run, rounding)
     real_feats = None if real_images is None else features.extract(iter_batches(real_images, batch_size))
-    kw = dict(features=features, ref=ref, batch_size=batch_size, seed=seed, progress=progress)
+    kw = dict(features=features, ref=ref, batch_size=batch_size, seed=seed, progress=progress, rounding=rounding)
     n_sweep = min(sweep_num_samples or num_samples, num_samples) if len(alphas) > 1 else None
     sweep = []
     if n_sweep is None:
@@ -431,7 +455,7 @@ def evaluate_run(run, ref: dict, features: FidelityFeatures, alphas=DEFAULT_ALPH
         + (f", precision {best['precision']:.3f}, recall {best['recall']:.3f}" if best["precision"] is not None else "")
         + f" ({num_samples} samples)")
     return {"best": best, "sweep": sweep, "alphas": alphas, "num_samples": int(num_samples), "sweep_num_samples": n_sweep,
-            "feature_extractor": features.name, "layers": features.layers, "seed": seed,
+            "feature_extractor": features.name, "layers": features.layers, "seed": seed, "rounding": rounding,
             "seconds": round(time.time() - t0, 1)}
 
 # %% ../nbs/08_evaluate.ipynb #7b317cac
@@ -470,6 +494,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
                    help="samples per alpha during the sweep (0: --num-samples)")
     p.add_argument("--batch-size", type=int, default=250, help="samples per network call")
     p.add_argument("--seed", type=int, default=0, help="noise seed (the same for every alpha)")
+    p.add_argument("--rounding", choices=ROUNDINGS, default="truncate",
+                   help="float images to uint8: 'truncate' as the release's FID path (default), or 'round'")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--ema-decay", type=float, default=None, help="which EMA copy (default: the run's first decay)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available)")
@@ -506,7 +532,7 @@ def main(argv=None):
         if real is None: warnings.warn(f"{args.ref_stats} holds no reference images: precision/recall skipped (give --ref-images)")
     run = _run.open_run(args.run, args.release, args.vae, ema=not args.no_ema, decay=args.ema_decay, device=device)
     res = evaluate_run(run, ref, features(), args.alpha, args.num_samples, args.sweep_num_samples, real,
-                       args.batch_size, args.seed, progress=True)
+                       args.batch_size, args.seed, progress=True, rounding=args.rounding)
     res.update(run=str(args.run or args.release), ema=None if args.no_ema else (args.ema_decay or "first"), ref_stats=str(args.ref_stats))
     if args.out:
         out = Path(args.out); out.parent.mkdir(parents=True, exist_ok=True)

@@ -11,15 +11,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from .drift import feature_drifting_loss
+from .drift import feature_drift, feature_drifting_loss, _all_reduce
 
 # %% auto #0
 __all__ = ['ARCH', 'ENCODER_KINDS', 'FEATURE_SETS', 'GROUP_ELEMS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'CONVNEXTV2_CHECKPOINT',
            'gn_groups', 'GroupNorm', 'group_norm', 'BasicBlock', 'ResNetEncoder', 'build_encoder', 'map_stats',
-           'mae_activations', 'extract_features', 'feature_table', 'key_groups', 'multi_feature_drifting_loss',
-           'RealFeatureTable', 'TorchvisionResNetFeatures', 'backbone_state_dict', 'load_resnet50',
-           'ConvNeXtV2Features', 'convnextv2_features', 'with_vae_decoder', 'merge_feature_fns', 'save_encoder',
-           'load_encoder']
+           'mae_activations', 'extract_features', 'feature_table', 'key_groups', 'StepStats',
+           'multi_feature_drifting_loss', 'RealFeatureTable', 'TorchvisionResNetFeatures', 'backbone_state_dict',
+           'load_resnet50', 'ConvNeXtV2Features', 'convnextv2_features', 'with_vae_decoder', 'merge_feature_fns',
+           'save_encoder', 'load_encoder']
 
 # %% ../nbs/03_features.ipynb #d20204a7
 def gn_groups(channels: int, max_groups: int = 32) -> int:
@@ -233,9 +233,50 @@ def key_groups(f_gen: dict, group_elems: int = GROUP_ELEMS) -> list[list[str]]:
             open_[kind] = len(groups); groups.append([[key], size])
     return [keys for keys, _ in groups]
 
+class StepStats:
+    """The two statistics of a step whose classes run in micro-batches (grad_accum = k > 1), taken over the whole
+    step as the release takes them over its global batch: per feature key, S's sums [2] and the drift's sums of squares
+    [K+1]. The step runs its micro-batches three times: phase "sums" (no gradient) adds up S's sums, phase "ms" (no
+    gradient) the drift's with the step's S, phase "loss" (with gradients) normalises by both; `next_phase()` sums
+    the phase's statistics over all processes (one all-reduce) when `global_batch`. Costs two extra forward passes of
+    the generator and encoders per step; k = 1 needs none of this."""
+    def __init__(self, global_batch: bool = False):
+        self.phase, self.global_batch, self.keys = "sums", global_batch, []
+        self.stats = {"sums": {}, "ms": {}}
+        self.count = {}                                     # [G] elements of this process's micro-batches, per key
+
+    def add(self, keys: list, part: Tensor):
+        "Add this call's part [G,...] of the current phase's statistic, one row per key."
+        if self.phase == "loss": raise RuntimeError("StepStats.add in the loss phase: the statistics are complete")
+        d = self.stats[self.phase]
+        for k, row in zip(keys, part):
+            if k not in d and self.phase == "sums": self.keys.append(k)
+            d[k] = d[k] + row if k in d else row.clone()
+
+    def next_phase(self):
+        "sums -> ms -> loss, reducing the finished phase's statistics over the processes."
+        d = self.stats[self.phase]
+        if self.phase == "ms": self.count = {k: d[k][-1].clone() for k in self.keys}   # before the reduction
+        if self.global_batch:
+            flat = torch.stack([d[k] for k in self.keys])  # every process holds the same keys in phi's order
+            _all_reduce(flat)
+            for k, row in zip(self.keys, flat): d[k] = row
+        self.phase = {"sums": "ms", "ms": "loss"}[self.phase]
+
+    def get(self, name: str, keys: list) -> Tensor:
+        "The reduced statistic `name` ('sums' | 'ms') of `keys` -> [G,...]."
+        return torch.stack([self.stats[name][k] for k in keys])
+
+def _phi_chunks(fn: Callable[[Tensor], dict], x: Tensor, chunk: int) -> dict:
+    "fn(x) in chunks of `chunk` samples (0: one call), the feature dicts concatenated."
+    if not chunk or len(x) <= chunk: return fn(x)
+    parts = [fn(x[i:i + chunk]) for i in range(0, len(x), chunk)]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
 def multi_feature_drifting_loss(phi: Callable[[Tensor], dict], gen: Tensor, pos: Tensor, unc: Tensor | None = None,
                                 unc_weight=None, joint: bool = True, group_elems: int = GROUP_ELEMS,
-                                phi_real: Callable[[Tensor], dict] | None = None, **drift_kw):
+                                phi_real: Callable[[Tensor], dict] | None = None, real_chunk: int = 0,
+                                stats: StepStats | None = None, **drift_kw):
     """Sum over features of `feature_drifting_loss` in phi's feature space (Eq. 13-14).
     gen [Nc,Nneg,*S] generated samples (with grad), pos [Nc,Npos,*S] same-class reals, unc [Nc,Nunc,*S] reals of
     random classes (CFG negatives) weighted by unc_weight (float or [Nc], w from alpha). phi: [n,*S] ->
@@ -244,7 +285,10 @@ def multi_feature_drifting_loss(phi: Callable[[Tensor], dict], gen: Tensor, pos:
     `RealFeatureTable` of phi: the same features, looked up). Returns (loss, info): info[key] is the feature's loss,
     info['drift/'+key] its raw RMS drift in normalised units (mean over taus), the measure that falls as q nears p.
     drift_kw go to `feature_drifting_loss`: taus, ..., global_batch=True to normalise each feature over the problems
-    of all processes (the release's global batch) when several share the batch."""
+    of all processes (the release's global batch) when several share the batch. real_chunk: the real samples go
+    through phi this many at a time (0: at once; joint=False). stats: a `StepStats` when the step runs in micro-batches;
+    in its "sums" and "ms" phases nothing is differentiated and (None, {}) is returned after adding this micro-batch's
+    part; in its "loss" phase the loss is this micro-batch's part of the whole step's (the parts add up)."""
     Nc, Nneg, S = gen.shape[0], gen.shape[1], gen.shape[2:]
     if pos.dim() < 3 or pos.shape[0] != Nc or pos.shape[2:] != S:
         raise ValueError(f"pos {tuple(pos.shape)} must be [Nc={Nc}, Npos, *{tuple(S)}] like gen {tuple(gen.shape)}")
@@ -268,7 +312,7 @@ def multi_feature_drifting_loss(phi: Callable[[Tensor], dict], gen: Tensor, pos:
         f_real = {k: v[n_gen:].detach() for k, v in f_all.items()}
     else:
         f_gen = phi(gen.reshape(n_gen, *S))
-        with torch.no_grad(): f_real = (phi_real or phi)(real)
+        with torch.no_grad(): f_real = _phi_chunks(phi_real or phi, real, real_chunk)
     if not f_gen: raise ValueError("phi returned no features")
     total, losses, drifts = 0.0, {}, {}
     for keys in key_groups(f_gen, group_elems):
@@ -278,14 +322,23 @@ def multi_feature_drifting_loss(phi: Callable[[Tensor], dict], gen: Tensor, pos:
         p = cat([_problems(f_real[k][:Nc * Npos], Nc, Npos) for k in keys])         # [sum Nc*L, Npos, C]
         u = cat([_problems(f_real[k][Nc * Npos:], Nc, Nunc) for k in keys]) if Nunc else None
         uw = cat([w.repeat_interleave(l) for l in L])[:, None].expand(-1, Nunc) if Nunc else None   # [sum Nc*L, Nunc]
-        loss, fi = feature_drifting_loss(g, p, u, uw, groups=[Nc * l for l in L], **drift_kw)   # [G]: one per key
+        groups = [Nc * l for l in L]
+        if stats is not None and stats.phase != "loss":     # a micro-batch's part of the step's statistics
+            sums = stats.get("sums", keys) if stats.phase == "ms" else None
+            stats.add(keys, feature_drift(g.detach(), p, u, uw, groups=groups, partial=stats.phase, sums=sums, **drift_kw))
+            continue
+        if stats is not None:
+            drift_kw.update(sums=stats.get("sums", keys), ms=stats.get("ms", keys),
+                            count=torch.stack([stats.count[k] for k in keys]))
+        loss, fi = feature_drifting_loss(g, p, u, uw, groups=groups, **drift_kw)   # [G]: one per key
         total = total + loss.sum()
         losses.update(zip(keys, loss.detach()))
         drifts.update(zip(keys, fi["drift_norm"].float().mean(-1)))
+    if stats is not None and stats.phase != "loss": return None, {}
     keys = list(f_gen)
-    stats = torch.stack([torch.stack([losses[k] for k in keys]).float(), torch.stack([drifts[k] for k in keys])]).tolist()
-    info = dict(zip(keys, stats[0]))                        # one device sync for all the numbers
-    info.update({f"drift/{k}": v for k, v in zip(keys, stats[1])})
+    nums = torch.stack([torch.stack([losses[k] for k in keys]).float(), torch.stack([drifts[k] for k in keys])]).tolist()
+    info = dict(zip(keys, nums[0]))                         # one device sync for all the numbers
+    info.update({f"drift/{k}": v for k, v in zip(keys, nums[1])})
     return total, info
 
 # %% ../nbs/03_features.ipynb #c712aa4b
@@ -400,6 +453,7 @@ def load_resnet50(path, input_range=(-1.0, 1.0), every: int = 2) -> TorchvisionR
     return enc.eval()
 
 # %% ../nbs/03_features.ipynb #918398e7
+import contextlib
 CONVNEXTV2_CHECKPOINT = "facebook/convnextv2-base-22k-224"    # the transformers checkpoint of the release's pixel recipes
 
 def _standardize(y: Tensor, eps: float = 1e-3) -> Tensor:
@@ -416,12 +470,17 @@ class ConvNeXtV2Features(_PixelInput):
         self._setup_input(input_range)
 
     def feature_maps(self, x: Tensor) -> dict[str, Tensor]:
-        "ImageNet-normalise, resize to size x size (bilinear, antialiased), run: {'stage0': [n,C0,size/4,size/4], ...}."
-        h = F.interpolate(self.normalize(x), size=(self.size, self.size), mode="bilinear", align_corners=False,
-                          antialias=True)
-        h, maps = self.model.embeddings(h), {}
-        for i, stage in enumerate(self.model.encoder.stages):
-            h = maps[f"stage{i}"] = stage(h)
+        """ImageNet-normalise, resize to size x size (bilinear, antialiased), run: {'stage0': [n,C0,size/4,size/4], ...}.
+        Always in float32, whatever autocast the caller runs under: the release runs ConvNeXt in float32
+        (`convnext_bf16: false` in every pixel config); under bf16 autocast its 13 terms would move by up to ~1%."""
+        dev = x.device.type
+        no_autocast = torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else contextlib.nullcontext()
+        with no_autocast:
+            h = F.interpolate(self.normalize(x.float()), size=(self.size, self.size), mode="bilinear",
+                              align_corners=False, antialias=True)
+            h, maps = self.model.embeddings(h), {}
+            for i, stage in enumerate(self.model.encoder.stages):
+                h = maps[f"stage{i}"] = stage(h)
         return maps
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 # %% auto #0
 __all__ = ['GENERATOR_PRESETS', 'frequency_embedding', 'RMSNorm', 'AlphaEmbedder', 'StyleEmbedder', 'sincos_1d',
@@ -75,12 +76,15 @@ def sincos_pos_embed_2d(dim: int, grid: int) -> Tensor:
     return torch.cat([sincos_1d(dim // 2, cols.flatten()), sincos_1d(dim // 2, rows.flatten())], -1).float()
 
 # %% ../nbs/05_generator.ipynb #d1abaf1c
-def rope_1d(head_dim: int, length: int, theta: float = 10000.0) -> tuple[Tensor, Tensor]:
-    "RoPE tables cos, sin, each [length, head_dim], rotate-half layout, position t = 0..length-1 (as released)."
+def rope_1d(head_dim: int, length: int, theta: float = 10000.0, dtype: torch.dtype = torch.float32,
+            device=None) -> tuple[Tensor, Tensor]:
+    """RoPE tables cos, sin, each [length, head_dim] in `dtype`, rotate-half layout, position t = 0..length-1 (as
+    released). Frequencies are computed in float32 and cast; positions, angles and tables are `dtype` throughout, so
+    in bfloat16 positions past 256 round to even numbers and share angles, exactly as the release's bf16 RoPE."""
     if head_dim % 2: raise ValueError(f"RoPE needs an even head dim, got {head_dim}")
     half = head_dim // 2
-    freqs = 1.0 / theta ** (torch.arange(half, dtype=torch.float32) / half)                  # [hd/2]
-    ang = torch.arange(length, dtype=torch.float32)[:, None] * freqs                        # [L,hd/2]
+    freqs = (1.0 / theta ** (torch.arange(half, dtype=torch.float32, device=device) / half)).to(dtype)   # [hd/2]
+    ang = torch.arange(length, dtype=torch.float32, device=device).to(dtype)[:, None] * freqs           # [L,hd/2]
     ang = torch.cat([ang, ang], -1)                                                         # [L,hd]: pair (i, i+hd/2)
     return ang.cos(), ang.sin()
 
@@ -96,7 +100,8 @@ def _qk_norm(head_dim: int, qk_norm: bool, rmsnorm: bool) -> nn.Module:
 
 class Attention(nn.Module):
     """Self-attention with QK-Norm and RoPE through `F.scaled_dot_product_attention`; x [N,L,D] -> [N,L,D].
-    rope: (cos, sin) tables [L,hd] or None (no rotation)."""
+    rope: (cos, sin) tables [L,hd] or None (no rotation); q and k are rotated in the tables' dtype (as released:
+    float32 tables give the release's default, bfloat16 tables its `attn_fp32: false` bf16 models)."""
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, attn_fp32: bool = True, rmsnorm: bool = True):
         super().__init__()
         self.num_heads, self.head_dim, self.attn_fp32 = num_heads, dim // num_heads, attn_fp32
@@ -108,8 +113,10 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None) -> Tensor:
         N, L, D = x.shape
         q, k, v = self.qkv(x).view(N, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x [N,H,L,hd]
-        q, k = self.q_norm(q.float()), self.k_norm(k.float())                                     # fp32 [N,H,L,hd]
-        if rope is not None: q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = self.q_norm(q), self.k_norm(k)                  # norm in fp32, back in the input's dtype (as released)
+        if rope is not None:
+            rd = rope[0].dtype
+            q, k = apply_rope(q.to(rd), *rope), apply_rope(k.to(rd), *rope)                       # [N,H,L,hd]
         dt = torch.float32 if self.attn_fp32 else v.dtype
         fp32_region = self.attn_fp32 and torch.amp.is_autocast_available(x.device.type)
         with torch.autocast(x.device.type, enabled=False) if fp32_region else nullcontext():
@@ -128,6 +135,15 @@ class SwiGLU(nn.Module):
         super().__init__()
         self.w1 = nn.Linear(dim, 2 * hidden)                                     # gate a and value b in one matmul
         self.w2 = nn.Linear(hidden, dim)
+
+    def init_as_released(self):
+        """The release's initialisation: its gate and value are two Dense layers, each xavier-uniform over
+        (dim, hidden), so each half of the fused w1 gets std sqrt(2 / (dim + hidden)) (one xavier over the fused
+        (dim, 2*hidden) would give sqrt(2 / (dim + 2*hidden)): 24% low at B/2). Zero biases; w2 xavier."""
+        with torch.no_grad():
+            for half in self.w1.weight.chunk(2, 0): nn.init.xavier_uniform_(half)   # [hidden,dim] each
+            nn.init.xavier_uniform_(self.w2.weight)
+            nn.init.zeros_(self.w1.bias); nn.init.zeros_(self.w2.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         a, b = self.w1(x).chunk(2, -1)                                           # [N,L,hidden] each
@@ -198,12 +214,16 @@ def unpatchify(x: Tensor, p: int, grid: int) -> Tensor:
 class DiT(nn.Module):
     """Drifting generator f(eps, c, alpha) -> x (Sec. 4, App. A.2; the release's `DitGen`). noise [N,C,H,W],
     labels [N] int, alpha float or [N], style_idx [N,num_style_tokens] int in [0, style_codebook_size)
-    -> x [N,out_channels,H,W]. The release's switches: swiglu, rmsnorm, rope, qk_norm, attn_fp32; cond_dim (width of c)."""
+    -> x [N,out_channels,H,W]. The release's switches: swiglu, rmsnorm, rope, qk_norm, attn_fp32; cond_dim (width of c).
+    Precision and memory (not weights): `rope_fp32=False` builds the RoPE tables and rotates q, k in the activations'
+    dtype (bf16 under bf16 autocast: the release's bf16 models with `attn_fp32: false`); `remat=True` recomputes each
+    block in the backward pass (activation checkpointing, the release's `use_remat`) while training with grad on."""
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 768,
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, num_classes: int = 1000,
                  num_incontext_tokens: int = 16, num_style_tokens: int = 32, style_codebook_size: int = 64,
                  qk_norm: bool = True, attn_fp32: bool = True, out_channels: int | None = None,
-                 cond_dim: int | None = None, swiglu: bool = True, rmsnorm: bool = True, rope: bool = True):
+                 cond_dim: int | None = None, swiglu: bool = True, rmsnorm: bool = True, rope: bool = True,
+                 rope_fp32: bool = True, remat: bool = False):
         super().__init__()
         self.config = {k: v for k, v in locals().items() if k in inspect.signature(DiT).parameters}  # rebuild: DiT(**config)
         if input_size % patch_size: raise ValueError(f"input_size {input_size} is not a multiple of patch_size {patch_size}")
@@ -214,6 +234,7 @@ class DiT(nn.Module):
         self.out_channels, cond = out_channels or in_channels, cond_dim or hidden_size
         self.num_incontext_tokens, self.num_style_tokens, self.style_codebook_size = num_incontext_tokens, num_style_tokens, style_codebook_size
         self.grid = input_size // patch_size
+        self.rope_fp32, self.remat = rope_fp32, remat
         # conditioning vector c = class + style + 0.02 RMSNorm(alpha), [N,cond]
         self.class_embed = nn.Embedding(num_classes, cond)
         self.style_embed = StyleEmbedder(cond, num_style_tokens, style_codebook_size) if num_style_tokens else None
@@ -242,6 +263,8 @@ class DiT(nn.Module):
         if self.style_embed is not None: tables.append(self.style_embed.weight)
         if self.incontext_pos is not None: tables.append(self.incontext_pos)
         for w in tables: nn.init.normal_(w, std=0.02)
+        for m in self.modules():                     # gate and value: one xavier each, as the release's two Dense layers
+            if isinstance(m, SwiGLU): m.init_as_released()
         # adaLN-zero: every gate (and shift, scale) starts at 0, so every block starts as the identity
         zeros = [b.adaLN_modulation[-1] for b in self.blocks]
         # the output starts at 0 for every input; the drifting gradient reaches this layer in the first step
@@ -280,9 +303,22 @@ class DiT(nn.Module):
         c = self.condition(labels, alpha, style_idx)                                      # [N,cond]
         x = self.patch_embed(patchify(noise, p)) + self.pos_embed                         # [N,T,D]
         if P: x = torch.cat([(self.incontext_proj(c).unsqueeze(1) + self.incontext_pos).to(x.dtype), x], 1)  # [N,P+T,D]
-        rope = (self.rope_cos, self.rope_sin) if hasattr(self, "rope_cos") else None       # [P+T,hd] each
-        for block in self.blocks: x = block(x, c, rope)                                   # [N,P+T,D]
+        rope = self.rope_tables(noise.device)                                             # [P+T,hd] each, or None
+        remat = self.remat and self.training and torch.is_grad_enabled()
+        for block in self.blocks:                                                         # [N,P+T,D]
+            x = checkpoint(block, x, c, rope, use_reentrant=False) if remat else block(x, c, rope)
         return unpatchify(self.final_layer(x[:, P:], c), p, self.grid)                    # [N,C_out,H,W]
+
+    def rope_tables(self, device) -> tuple[Tensor, Tensor] | None:
+        """(cos, sin) [P+T,hd] for this forward pass: the float32 buffers, or with `rope_fp32=False` tables built in
+        the activations' dtype (the autocast dtype when autocast is on, else the weights' dtype); None without RoPE."""
+        if not hasattr(self, "rope_cos"): return None
+        if self.rope_fp32: return self.rope_cos, self.rope_sin
+        dev = torch.device(device)
+        autocast = torch.amp.is_autocast_available(dev.type) and torch.is_autocast_enabled(dev.type)
+        dt = torch.get_autocast_dtype(dev.type) if autocast else self.pos_embed.dtype
+        if dt == torch.float32: return self.rope_cos, self.rope_sin
+        return rope_1d(self.rope_cos.shape[-1], self.rope_cos.shape[0], dtype=dt, device=dev)
 
     def sample_noise(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         "eps ~ N(0, I) [n,C,H,W] on the model's device (drawn on the generator's device, so seeds reproduce anywhere)."

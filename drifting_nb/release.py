@@ -117,7 +117,9 @@ _GEN_DEFAULTS = dict(num_classes=1001, noise_classes=0, noise_coords=1, input_si
                      attn_fp32=True, use_remat=False)   # DitGen's own defaults; use_bf16/use_remat: how it ran, not what it is
 
 def generator_kwargs(model_config: dict) -> dict:
-    "The release's generator `model_config` -> `DiT(**kwargs)`. Unknown options are a ValueError naming them."
+    """The release's generator `model_config` -> `DiT(**kwargs)`. Unknown options are a ValueError naming them.
+    `rope_fp32` follows how the release ran the model: its RoPE is bfloat16 when `use_bf16` and not `attn_fp32`
+    (the released latent B/2 and L/2); under bf16 autocast `DiT` then builds its tables and rotates in bf16 too."""
     unknown = set(model_config) - set(_GEN_DEFAULTS) - {"cond_dim"}
     if unknown: raise ValueError(f"generator model_config option(s) {sorted(unknown)} are not supported by drifting_nb")
     if "cond_dim" not in model_config: raise ValueError("generator model_config has no cond_dim")
@@ -128,7 +130,7 @@ def generator_kwargs(model_config: dict) -> dict:
                 num_heads=m["num_heads"], mlp_ratio=m["mlp_ratio"], num_classes=m["num_classes"],
                 num_incontext_tokens=m["n_cls_tokens"], num_style_tokens=style, style_codebook_size=m["noise_classes"],
                 qk_norm=m["use_qknorm"], attn_fp32=m["attn_fp32"], swiglu=m["use_swiglu"], rmsnorm=m["use_rmsnorm"],
-                rope=m["use_rope"])
+                rope=m["use_rope"], rope_fp32=bool(m["attn_fp32"] or not m["use_bf16"]))   # bf16 RoPE: as the release ran it
 
 # %% ../nbs/12_release.ipynb #0bbe09e9
 def _linear(flat, key, out, name):
@@ -233,13 +235,17 @@ class ReleasedRun:
         self.config = dict(release=name, num_classes=model.num_classes, space="latent" if vae is not None else "pixel")
 
     @torch.no_grad()
-    def sample(self, labels, alpha: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
-        "uint8 images [n,H,W,C] for labels [n] at CFG scale alpha (1 NFE, then the VAE decoder for latent models)."
+    def sample(self, labels, alpha: float = 1.0, generator: torch.Generator | None = None,
+               rounding: str = "round") -> torch.Tensor:
+        """uint8 images [n,H,W,C] for labels [n] at CFG scale alpha (1 NFE, then the VAE decoder for latent models).
+        `rounding`: 'round' to the nearest level, or 'truncate' as the release's FID path (`evaluate` asks for it)."""
         from drifting_nb.generator import generate
+        if rounding not in ("round", "truncate"): raise ValueError(f"rounding must be 'round' or 'truncate', got {rounding!r}")
         dev = self.model.pos_embed.device
         x = generate(self.model, torch.as_tensor(labels, device=dev), alpha, generator=generator)
         if self.vae is not None: x = self.vae.to(dev).decode(x.float())
-        return ((x.float() + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+        x = ((x.float() + 1) / 2).clamp(0, 1).mul(255)                              # the release's postprocess, [0,255]
+        return (x.round() if rounding == "round" else x.floor()).to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 def load_release_run(path_or_name, vae=RELEASE_VAE, device=None, cache_dir=None) -> ReleasedRun:
     """A released generator ready to sample: `vae` (hub id, local folder or an `SDVAE`) decodes latent models."""
@@ -251,7 +257,7 @@ def load_release_run(path_or_name, vae=RELEASE_VAE, device=None, cache_dir=None)
     return ReleasedRun(model, model.release_metadata, sdvae, str(path_or_name))
 
 # %% ../nbs/12_release.ipynb #7901c91b
-_RUNTIME_KEYS = ("attn_fp32",)                         # a precision choice: may differ between the release and a run
+_RUNTIME_KEYS = ("attn_fp32", "rope_fp32")            # precision choices: may differ between the release and a run
 
 def init_from_release(model: DiT, path_or_name, cache_dir=None) -> DiT:
     """Load a released generator's weights into `model` (a `DiT` built by the training system): the architecture

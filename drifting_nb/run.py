@@ -19,11 +19,12 @@ from .generator import build_generator, unwrap_model, GENERATOR_PRESETS
 from .runtime import atomic_write, disk_full, save_state, load_state, rng_state, set_rng_state
 
 # %% auto #0
-__all__ = ['FINGERPRINT_KEYS', 'sample_shape', 'load_vae', 'make_decode', 'build_model', 'read_config', 'fingerprint', 'ema_name',
-           'list_checkpoints', 'remove_partial_checkpoints', 'save_checkpoint', 'CheckpointDamaged',
-           'verify_checkpoint', 'latest_checkpoint', 'check_resumable', 'load_checkpoint', 'read_metrics',
-           'truncate_metrics', 'log_metrics', 'Run', 'load_run', 'open_run', 'balanced_labels', 'make_labels',
-           'run_device', 'check_alpha', 'iter_samples', 'generate', 'default_device']
+__all__ = ['FINGERPRINT_KEYS', 'BATCH_KEYS', 'sample_shape', 'load_vae', 'make_decode', 'build_model', 'read_config',
+           'fingerprint', 'ema_name', 'list_checkpoints', 'remove_partial_checkpoints', 'save_checkpoint',
+           'CheckpointDamaged', 'verify_checkpoint', 'latest_checkpoint', 'check_resumable', 'resume_seed',
+           'continue_loader', 'load_checkpoint', 'read_metrics', 'truncate_metrics', 'log_metrics', 'Run', 'load_run',
+           'open_run', 'balanced_labels', 'make_labels', 'run_device', 'check_alpha', 'iter_samples', 'generate',
+           'default_device']
 
 # %% ../nbs/07a_run.ipynb #21818357
 def sample_shape(cfg) -> tuple:
@@ -48,12 +49,14 @@ def make_decode(cfg, vae=None):
         return ((x.float() + 1) / 2).clamp(0, 1)
     return decode
 
-def build_model(cfg) -> nn.Module:
-    "The generator of `cfg`: its preset with the data's size, channels and classes."
+def build_model(cfg, remat: bool = False) -> nn.Module:
+    "The generator of `cfg`: its preset with the data's size, channels and classes; `remat`: activation checkpointing."
     C, H, _ = sample_shape(cfg)
     if cfg.generator not in GENERATOR_PRESETS:
         raise ValueError(f"unknown generator {cfg.generator!r}; valid: {', '.join(GENERATOR_PRESETS)}")
-    return build_generator(cfg.generator, **{"input_size": H, "in_channels": C, "num_classes": cfg.num_classes, **cfg.generator_kw})
+    kw = {"input_size": H, "in_channels": C, "num_classes": cfg.num_classes, **cfg.generator_kw}
+    if remat: kw["remat"] = True                                    # the blocks recompute their activations in backward
+    return build_generator(cfg.generator, **kw)
 
 def read_config(run_dir) -> SimpleNamespace:
     "A run folder's config.json as a namespace (lists back to tuples)."
@@ -70,6 +73,8 @@ FINGERPRINT_KEYS = ("generator", "generator_kw", "space", "image_size", "channel
 def fingerprint(cfg) -> dict:
     "What must match for a checkpoint to be resumable: the model, its data space, the per-process queue and the seed."
     return {"preset": cfg.preset, **{k: getattr(cfg, k) for k in FINGERPRINT_KEYS}}
+
+BATCH_KEYS = ("Nc", "Nneg", "Npos", "Nunc")   # the global batch of a step: fixed for the life of a run
 
 def ema_name(decay) -> str: return f"ema_{decay}.safetensors"
 
@@ -94,7 +99,8 @@ def _write_checkpoint(tmp: Path, accelerator, cfg, step, model, opt, sched, emas
     for d, ema in zip(cfg.ema_decays, emas):
         save_file({k: v.detach().contiguous().cpu() for k, v in ema.module.state_dict().items()}, str(tmp / ema_name(d)))
     meta = dict(format="drifting_nb.checkpoint/2", step=step, num_processes=accelerator.num_processes,
-                fingerprint=fingerprint(cfg), ema_n_averaged=[int(e.n_averaged) for e in emas], time=time.time())
+                fingerprint=fingerprint(cfg), ema_n_averaged=[int(e.n_averaged) for e in emas], time=time.time(),
+                batch={k: getattr(cfg, k, None) for k in BATCH_KEYS})
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
 
 def save_checkpoint(accelerator, out, step: int, cfg, model, opt, sched, emas: list, rank_state: dict, keep: int) -> Path:
@@ -160,21 +166,52 @@ def latest_checkpoint(out, warn: bool = True) -> tuple[Path, dict] | None:
     return None
 
 def check_resumable(ckpt, meta: dict, cfg, num_processes: int) -> dict:
-    "`meta` when `ckpt` fits this run; a clear error naming each differing key (as its flag) or the process count."
+    """`meta` when `ckpt` fits this run; a clear error naming each differing key (as its flag), a change of the global
+    batch, or a process count the global batch does not split over. Another process count than the checkpoint's is
+    fine: see `load_checkpoint`."""
     mine, theirs = fingerprint(cfg), meta["fingerprint"]
     diff = {k: (theirs.get(k), v) for k, v in mine.items() if json.dumps(theirs.get(k)) != json.dumps(v)}
     if diff:
         raise ValueError(f"checkpoint {ckpt} does not match this run: " +
                          "; ".join(f"--{k.replace('_', '-')} is {a!r} there, {b!r} here" for k, (a, b) in diff.items()) +
                          ". Resume with the run's own values, or choose another --output-dir")
-    if meta["num_processes"] != num_processes:
-        raise ValueError(f"checkpoint {ckpt} was written by {meta['num_processes']} processes and each keeps its own "
-                         f"sample queue; resume it with {meta['num_processes']} processes, not {num_processes}")
+    batch = {k: (v, getattr(cfg, k, None)) for k, v in (meta.get("batch") or {}).items() if v != getattr(cfg, k, None)}
+    if batch:
+        raise ValueError(f"checkpoint {ckpt}: resuming would change the global batch (" +
+                         "; ".join(f"--{k} is {a} there, {b} here" for k, (a, b) in batch.items()) +
+                         "), and with it the step's statistics and the learning rate's meaning. Resume with the run's own "
+                         "values, on any process count that divides --Nc, or start a new --output-dir")
+    Nc = getattr(cfg, "Nc", None)
+    if Nc is not None and Nc % num_processes:
+        raise ValueError(f"checkpoint {ckpt}: --Nc {Nc} classes per step (the global batch) do not split over "
+                         f"{num_processes} processes; resume on a process count that divides {Nc} (it was written by "
+                         f"{meta['num_processes']})")
     return meta
 
+def resume_seed(seed: int, rank: int, step: int) -> int:
+    "The seed of process `rank`'s random streams when a run resumes at `step` on another process count."
+    return (int(seed) * 1_000_003 + int(step)) * 10_007 + int(rank)
+
+def continue_loader(loader, state: dict, batch_size: int, world_size: int):
+    """Put `loader` (a `data.InfiniteLoader` of this run's process count) where the loaders of another process count
+    stood (`state`: one of their `state_dict()`s, `batch_size` and `world_size`: theirs). The processes draw interleaved
+    from one permutation per epoch, so together they had drawn its first batch * batch_size * world_size samples; the
+    new loaders start at that sample of the same epoch, rounded down to whole batches of theirs (so fewer than one
+    new global batch of samples comes again)."""
+    drawn = int(state["batch"]) * batch_size * world_size
+    b, epoch = drawn // (loader.batch_size * loader.world_size), int(state["epoch"])
+    if b >= loader.batches_per_epoch: epoch, b = epoch + 1, 0
+    loader.load_state_dict({**loader.state_dict(), "epoch": epoch, "batch": b})
+    return loader
+
 def load_checkpoint(ckpt, meta: dict, accelerator, model, opt, sched, emas: list) -> dict:
-    "Load the weights, optimizer, scheduler, EMAs and global RNG states; returns this process's own state."
-    ckpt, dev = Path(ckpt), str(accelerator.device)
+    """Load the weights, optimizer, scheduler and EMAs; returns this process's own state after restoring its global RNG
+    states. On another process count than the checkpoint's, the returned state is process 0's with
+    `resharded=True` and `from_processes` (its queue and random generators belong to another split of the work: the
+    caller refills the queue, continues the data with `continue_loader` and seeds with `resume_seed`); the global RNG
+    states are seeded from `resume_seed` as well."""
+    ckpt, dev = Path(ckpt), accelerator.device
+    dev = "cpu" if dev.type == "cpu" else str(dev)                  # safetensors takes no "cpu:0" (gloo processes)
     def read(name, fn):
         try: return fn(ckpt / name)
         except Exception as e: raise CheckpointDamaged(f"{ckpt / name} could not be read ({str(e)[:200]})") from e
@@ -185,9 +222,15 @@ def load_checkpoint(ckpt, meta: dict, accelerator, model, opt, sched, emas: list
     for d, ema, n in zip(meta["fingerprint"]["ema_decays"], emas, meta["ema_n_averaged"]):
         ema.module.load_state_dict(read(ema_name(d), lambda p: load_file(str(p), device=dev)))
         ema.n_averaged.fill_(n)
-    rs = read(f"rank_{accelerator.process_index}.safetensors", load_state)
-    set_rng_state(rs.pop("rng"))
-    return rs
+    if meta["num_processes"] == accelerator.num_processes:
+        rs = read(f"rank_{accelerator.process_index}.safetensors", load_state)
+        set_rng_state(rs.pop("rng"))
+        return rs
+    rs = read("rank_0.safetensors", load_state); rs.pop("rng"); rs.pop("queue", None)   # its queue: another split
+    from accelerate.utils import set_seed
+    set_seed(resume_seed(meta["fingerprint"]["seed"], accelerator.process_index, meta["step"]) % 2**31)
+    return dict(rs, resharded=True, from_processes=meta["num_processes"])
+
 
 # %% ../nbs/07a_run.ipynb #2f8a7885
 def read_metrics(out) -> list[dict]:

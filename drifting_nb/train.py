@@ -24,7 +24,7 @@ from .run import (sample_shape, load_vae, make_decode, build_model, list_checkpo
 __all__ = ['RELEASE_CFG_LIST', 'PRESETS', 'REAL_FEATURE_TABLE_MAX', 'TrainConfig', 'check_config', 'toy_presets',
            'all_preset_names', 'get_config', 'parse_args', 'resolve_config', 'build_dataset', 'load_feature_encoder',
            'encoder_dir', 'pretrain_encoder', 'real_feature_table', 'build_phi', 'draw_step', 'lr_lambda',
-           'save_sample_grid', 'train', 'score_line', 'queue_push_per_process', 'fid_scores',
+           'save_sample_grid', 'plan_step', 'train', 'score_line', 'queue_push_per_process', 'fid_scores',
            'evaluate_during_training', 'evaluate_run_model', 'main']
 
 # %% ../nbs/07_train.ipynb #a630482d
@@ -69,6 +69,9 @@ class TrainConfig:
     queue_push: int = 64               # real samples pushed per step and process
     queue_push_global: int = 0         # > 0: push this many per step over all processes (the release's per-host push x hosts)
     queue_dtype: str = "float32"       # storage: float32 | bfloat16 | uint8 (exact for 8-bit images, 1/4 the memory)
+    queue_shard: bool = True           # several processes: each holds the FIFOs of its share of the classes (one bank a node)
+    queue_in_checkpoint: bool = True   # False: checkpoints hold no queue, resume refills it from the data (the release)
+    num_workers: int = 0               # data loader worker processes per process (image data)
     real_feature_table: bool = False   # phi of the whole (small, in-memory) data set once, looked up (features.RealFeatureTable)
     # optimisation (Table 8)
     lr: float = 2e-4
@@ -79,7 +82,9 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 2.0
     max_steps: int = 30000
-    grad_accum: int = 1                # split each step's classes into this many micro-batches
+    grad_accum: int = 0                # micro-batches per step (S and drift norms still over the whole step); 0: the plan's
+    remat: str = "auto"                # activation checkpointing of the generator blocks: on | off | auto (the plan's)
+    real_chunk: int = 0                # real samples per encoder call (no gradient); 0: all of a micro-batch's at once
     mixed_precision: str = "auto"      # auto (bf16 on a GPU) | no | bf16 | fp16
     ema_decays: tuple = (0.999,)
     # output
@@ -98,6 +103,8 @@ class TrainConfig:
     eval_batch_size: int = 250         # samples per network call while evaluating
     seed: int = 0
     cpu_threads: int = 0               # torch threads per process on CPU; 0: the machine's cores over its processes
+    gpu_memory: float = 0.0            # GiB a process may use on its GPU (0: the device's own; not checked on a CPU)
+    host_memory: float = 0.0           # GiB of host memory per node the run may use (0: not checked)
 
 # %% ../nbs/07_train.ipynb #3115e6af
 def _whole(lo):
@@ -112,9 +119,12 @@ def _numbers(ok, what):
 def _choice(*names): return (lambda v: v in names), "one of " + ", ".join(names)
 
 _RULES = {**{k: _whole(1) for k in ("Nc", "Npos", "Nneg", "max_steps", "log_every", "ckpt_every", "keep_ckpts",
-                                    "grad_accum", "queue_per_class", "queue_push", "num_classes", "image_size", "channels")},
+                                    "queue_per_class", "queue_push", "num_classes", "image_size", "channels")},
           **{k: _whole(0) for k in ("Nunc", "queue_global", "warmup_steps", "sample_every", "eval_every", "eval_samples", "seed",
-                                    "queue_push_global")},
+                                    "queue_push_global", "grad_accum", "real_chunk", "num_workers")},
+          "remat": _choice("auto", "on", "off"),
+          "gpu_memory": _number(lambda v: v >= 0, "a size in GiB >= 0 (0: the device's own)"),
+          "host_memory": _number(lambda v: v >= 0, "a size in GiB >= 0 (0: not checked)"),
           "eval_batch_size": _whole(1), "augment": _choice("center", "center-flip", "rrc"),
           "lr": _number(lambda v: v > 0, "a finite number > 0"),
           "weight_decay": _number(lambda v: v >= 0, "a finite number >= 0"),
@@ -147,13 +157,16 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
 # %% ../nbs/07_train.ipynb #794a47b2
 RELEASE_CFG_LIST = (1.0, 1.1, 1.2, 1.4, 1.6, 1.8, 2.0, 2.5, 3.0, 3.5)   # the CFG scales the release's runs evaluate
 # the release's configs/gen: every run evaluates FID-50k every 5000 steps (with --ref-stats), pushes per host x hosts
+# ImageNet: checkpoints hold no queue (refilled on resume, as the release's bank), reals through phi 256 at a time
 _IMAGENET = dict(num_classes=1000, image_size=256, warmup_steps=10_000, Nunc=32, Nneg=64, alpha_k=5.0,
+                 queue_in_checkpoint=False, real_chunk=256,
                  sample_every=5000, ckpt_every=5000, log_every=50, eval_every=5000, eval_samples=50_000,
                  eval_alphas=RELEASE_CFG_LIST)
 _LATENT = dict(_IMAGENET, dataset="latents", space="latent", vae="stabilityai/sd-vae-ft-mse", channels=3,
-               queue_dtype="bfloat16")                                # 128 x 1000 latents: 1 GB per process
+               queue_dtype="bfloat16", num_workers=2)   # 128 x 1000 latents: 1 GB a node (classes sharded over its processes)
 _PIXEL = dict(_IMAGENET, dataset="imagefolder", space="pixel", channels=3, augment="rrc", encoder_path="mae_pixel_640",
-              extra_encoder="convnextv2:facebook/convnextv2-base-22k-224", queue_dtype="uint8")   # 128 x 1000 images: 25 GB per process
+              extra_encoder="convnextv2:facebook/convnextv2-base-22k-224", queue_dtype="uint8",
+              remat="on", num_workers=8)   # 128 x 1000 images: 25 GB a node; the release's pixel configs set use_remat
 _EMAS = (0.999, 0.9995, 0.9998, 0.9999)                               # the release keeps 0.999 (first: sampled by default)
 
 PRESETS: dict[str, dict] = {
@@ -395,10 +408,13 @@ def build_phi(cfg: TrainConfig, device, vae=None):
     return phi
 
 # %% ../nbs/07_train.ipynb #ee38bd4a
-def draw_step(cfg, n_classes_local: int, queue, gen: torch.Generator, gen_dev: torch.Generator, model, device):
+def draw_step(cfg, n_classes_local: int, queue, gen: torch.Generator, gen_dev: torch.Generator, model, device,
+              classes: torch.Tensor | None = None):
     """Labels [m], alphas [m], positives [m,Npos,*S], unconditional negatives [m,Nunc,*S], CFG weights [m], noise
-    [m*Nneg,*S] and style indices. `gen` (CPU) draws labels and alphas, `gen_dev` (on the device) noise and styles."""
-    labels = torch.randperm(cfg.num_classes, generator=gen)[:n_classes_local]            # classes of this step
+    [m*Nneg,*S] and style indices. `gen` (CPU) draws labels and alphas, `gen_dev` (on the device) noise and styles.
+    classes: the classes this process may draw (its queue shard; None: all)."""
+    if classes is None: labels = torch.randperm(cfg.num_classes, generator=gen)[:n_classes_local]   # classes of this step
+    else: labels = classes[torch.randperm(len(classes), generator=gen)[:n_classes_local]]
     alpha = sample_alpha(n_classes_local, cfg.alpha_k, 1.0, cfg.alpha_max, cfg.alpha_p_one, generator=gen)
     pos = queue.draw_pos(labels, cfg.Npos).to(device)
     unc = queue.draw_unc(n_classes_local, cfg.Nunc).to(device) if cfg.Nunc else None
@@ -428,28 +444,45 @@ def save_sample_grid(model, cfg, decode, path: Path, alpha: float, device, n_per
     save_image(decode(x), str(path), nrow=n_per_class, padding=1)
     return path
 
-def train(cfg: TrainConfig, resume: bool = False, fault_hook=None) -> dict:
+def plan_step(cfg: TrainConfig, accelerator) -> tuple[int, bool, str]:
+    """The run's grad_accum and remat: as `cfg` gives them, or the smallest the plan (`drifting_nb.plan`, notebook 09a)
+    finds to fit this device and node; a run the plan says cannot fit is refused here, before anything is written, with
+    what to change. Returns (grad_accum, remat, the plan's one-line summary)."""
+    try: from drifting_nb import plan as P
+    except ImportError: P = None                                    # TRANSITIONAL until notebook 09a lands
+    if P is None:
+        return max(1, cfg.grad_accum), cfg.remat == "on", ""
+    world = accelerator.num_processes
+    nodes = max(1, world // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    dev = accelerator.device
+    gpu = cfg.gpu_memory or (torch.cuda.get_device_properties(dev).total_memory / 2 ** 30 if dev.type == "cuda" else None)
+    p = P.plan_run(cfg, processes=world, nodes=nodes, gpu_memory=gpu, host_memory=cfg.host_memory or None)
+    P.check_plan(p)
+    return int(p["grad_accum"]), p["remat"] in (True, "on"), P.plan_line(p)
+
+def train(cfg: TrainConfig, resume: bool = False, fault_hook=None, grad_hook=None) -> dict:
     """Run (or resume) the training described by `cfg`; returns a summary dict. `fault_hook(step, loss)` may replace
-    the loss, for tests of the failure paths. Torch runs on cfg.cpu_threads threads meanwhile (`cpu_threads`); the main
+    the loss, for tests of the failure paths; `grad_hook(step, model)` sees the step's gradients before clipping. Torch runs on cfg.cpu_threads threads meanwhile (`cpu_threads`); the main
     process holds the lock of the output folder (`RunLock`): a second process on the same folder is refused."""
     check_config(cfg)
     with cpu_threads(cfg.cpu_threads):
-        if not process_state().is_main_process: return _train(cfg, resume, fault_hook)
-        with RunLock(cfg.output_dir): return _train(cfg, resume, fault_hook)
+        if not process_state().is_main_process: return _train(cfg, resume, fault_hook, grad_hook)
+        with RunLock(cfg.output_dir): return _train(cfg, resume, fault_hook, grad_hook)
 
-def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None) -> dict:
+def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None, grad_hook=None) -> dict:
     out = Path(cfg.output_dir)
     if process_state().is_main_process and list_checkpoints(out) and not resume:
         raise FileExistsError(f"{out} already holds checkpoints (latest {list_checkpoints(out)[-1].name}): pass --resume "
                               "to continue it, or choose another --output-dir")
     dataset = build_dataset(cfg)                                     # data errors before anything is written
     accelerator = job_accelerator(cpu=process_state().device.type == "cpu", mixed_precision=cfg.mixed_precision,
-                              gradient_accumulation_steps=cfg.grad_accum, log_with="tensorboard", project_dir=str(out))
+                              log_with="tensorboard", project_dir=str(out))   # micro-batches are summed by hand (StepStats)
     rank, world, device, main = accelerator.process_index, accelerator.num_processes, accelerator.device, accelerator.is_main_process
     if cfg.Nc % world: raise ValueError(f"Nc={cfg.Nc} classes per step cannot be split over {world} processes")
     m_local = cfg.Nc // world                                        # classes per process and step
-    if m_local % cfg.grad_accum: raise ValueError(f"{m_local} classes per process do not split into grad_accum={cfg.grad_accum} micro-batches")
-    m_micro = m_local // cfg.grad_accum
+    k, remat, plan_text = plan_step(cfg, accelerator)                # grad_accum and remat: given, or the plan's; refuses what cannot fit
+    if m_local % k: raise ValueError(f"{m_local} classes per process do not split into grad_accum={k} micro-batches")
+    m_micro = m_local // k
     found = latest_checkpoint(out, warn=main) if resume else None   # skips (and names) a damaged checkpoint
     if found: check_resumable(*found, cfg, world)                    # check first: a refused resume writes nothing
     if main:
@@ -460,78 +493,119 @@ def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None) -> dict:
     accelerator.wait_for_everyone()
 
     # data, queue (one per process), model, feature space
-    from drifting_nb.data import SampleQueue, InfiniteLoader, fill_queue
+    from drifting_nb.data import SampleQueue, InfiniteLoader, fill_queue, shard_classes, class_subset
+    from drifting_nb.features import multi_feature_drifting_loss, StepStats
     S = sample_shape(cfg)
     vae = load_vae(cfg)
     decode = make_decode(cfg, vae)
     pretrain_encoder(cfg, accelerator)                               # small presets: the MAE of notebook 04, first
     phi = build_phi(cfg, device, vae)
     set_seed(cfg.seed)                                               # the same initial weights on every process
-    model = build_model(cfg)
+    model = build_model(cfg, remat=remat)
     if cfg.init_from:                                                # the authors' released weights as the start
         from drifting_nb.release import init_from_release
         init_from_release(model, cfg.init_from)
-    queue = SampleQueue(cfg.num_classes, S, cfg.queue_per_class, cfg.queue_global, dtype=getattr(torch, cfg.queue_dtype),
-                        seed=cfg.seed * 7919 + rank)
+    # several processes: each holds the FIFOs of its classes (one bank a node) and a share of the global FIFO, which a
+    # second loader over all classes feeds; one process: one loader, the whole bank
+    shard = cfg.queue_shard and world > 1
+    own = shard_classes(cfg.num_classes, rank, world) if shard else None
+    if shard and len(own) < m_local:
+        raise ValueError(f"each process holds the queues of {len(own)} classes, fewer than the {m_local} it trains per step: "
+                         f"use fewer processes or --queue-shard false")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))           # processes on this node
+    unc_size = max(cfg.Nunc, math.ceil(cfg.queue_global / local)) if shard else cfg.queue_global
+    queue = SampleQueue(cfg.num_classes, S, cfg.queue_per_class, unc_size, dtype=getattr(torch, cfg.queue_dtype),
+                        seed=cfg.seed * 7919 + rank, classes=own)
     phi_real = real_feature_table(dataset, phi, device, accelerator, queue) if cfg.real_feature_table else None
     push = queue_push_per_process(cfg, world)
-    loader = InfiniteLoader(dataset, push, seed=cfg.seed, rank=rank, world_size=world)
+    if shard:
+        loader = InfiniteLoader(class_subset(dataset, own), push, seed=cfg.seed * 1000 + rank, num_workers=cfg.num_workers)
+        unc_loader = InfiniteLoader(dataset, max(1, math.ceil(push / 4)), seed=cfg.seed + 1, rank=rank, world_size=world,
+                                    num_workers=min(cfg.num_workers, 2))
+    else:
+        loader = InfiniteLoader(dataset, push, seed=cfg.seed, rank=rank, world_size=world, num_workers=cfg.num_workers)
+        unc_loader = None
     gen = torch.Generator().manual_seed(cfg.seed * 104729 + rank)
     gen_dev = torch.Generator(device=device).manual_seed(cfg.seed * 15485863 + rank)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     model, opt = accelerator.prepare(model, opt)
     emas = [AveragedModel(unwrap_model(model), multi_avg_fn=get_ema_multi_avg_fn(d)) for d in cfg.ema_decays]
-    from drifting_nb.features import multi_feature_drifting_loss
 
     step = 0
     if found:                                                        # exact resume: every state of every process
         ckpt, meta = found
         rs = load_checkpoint(ckpt, meta, accelerator, model, opt, sched, emas)
-        queue.load_state_dict(rs["queue"]); loader.load_state_dict(rs["loader"])
+        if "queue" in rs: queue.load_state_dict(rs["queue"])
+        loader.load_state_dict(rs["loader"])
+        if unc_loader is not None: unc_loader.load_state_dict(rs["unc_loader"])
         gen.set_state(rs["gen"]); gen_dev.set_state(rs["gen_dev"].to(gen_dev.get_state().device))
         step = meta["step"]
         if main: print(f"resumed from {ckpt} at step {step}")
-    else:
-        used = fill_queue(queue, loader, cfg.Npos, cfg.Nunc)         # every class holds Npos samples before step 1
-        if main: print(f"sample queue filled with {used} batches of {push}")
+    if not found or "queue" not in rs:                               # every class holds Npos samples before the step
+        t0 = time.time()
+        used = fill_queue(queue, loader, cfg.Npos, cfg.Nunc, unc_batches=unc_loader)
+        if main: print(f"sample queue {'refilled (checkpoints hold no queue)' if found else 'filled'} with {used} batches "
+                       f"of {push} in {time.time() - t0:.1f} s" + (f"; classes sharded over {world} processes" if shard else ""))
     last_ckpt = found[0] if found else None
 
     def rank_state():
-        return dict(queue=queue.state_dict(), loader=loader.state_dict(), gen=gen.get_state(), gen_dev=gen_dev.get_state())
+        st = dict(loader=loader.state_dict(), gen=gen.get_state(), gen_dev=gen_dev.get_state())
+        if unc_loader is not None: st["unc_loader"] = unc_loader.state_dict()
+        if cfg.queue_in_checkpoint: st["queue"] = queue.state_dict()   # this process's shard: the bank at most once
+        return st
 
     if main:
         accelerator.init_trackers("tb", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in asdict(cfg).items()})
         print(f"{cfg.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M generator parameters, "
               f"effective batch {cfg.Nc} classes x {cfg.Nneg} = {cfg.Nc * cfg.Nneg} generated samples per step "
               f"over {world} process(es)" + (f", {torch.get_num_threads()} CPU thread(s) each" if device.type == "cpu" else "")
-              + (f", {accelerator.mixed_precision} autocast" if accelerator.mixed_precision != "no" else ""))
+              + (f", {accelerator.mixed_precision} autocast" if accelerator.mixed_precision != "no" else "")
+              + (f", {k} micro-batches of {m_micro} classes" if k > 1 else "") + (", remat" if remat else ""))
+        if plan_text: print(plan_text)
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not main, desc=cfg.preset, dynamic_ncols=True)
     model.train()
     t_last, summary = time.time(), {}
     while step < cfg.max_steps:
         x_real, y_real = next(loader)                                # the newest real samples join the queue
-        queue.push(x_real, y_real)
-        feats, losses, alphas = {}, [], []
-        for micro in range(cfg.grad_accum):
-            with accelerator.accumulate(model):
-                labels, alpha, pos, unc, w, noise, style = draw_step(cfg, m_micro, queue, gen, gen_dev, model, device)
-                with accelerator.autocast():
-                    x = model(noise, labels.repeat_interleave(cfg.Nneg), alpha.repeat_interleave(cfg.Nneg), style)
-                    # the encoder is frozen and in eval mode: the real samples' features need no graph (joint=False)
-                    loss, info = multi_feature_drifting_loss(phi, x.float().view(m_micro, cfg.Nneg, *S), pos, unc, w,
-                                                             joint=False, taus=cfg.taus, global_batch=world > 1,
-                                                             min_affinity=cfg.min_affinity, phi_real=phi_real)
+        queue.push(x_real, y_real, to_unc=unc_loader is None)
+        if unc_loader is not None: queue.push(*next(unc_loader), to_pos=False)
+        labels, alpha, pos, unc, w, noise, style = draw_step(cfg, m_local, queue, gen, gen_dev, model, device, own)
+
+        def micro_loss(sl: slice, stats=None):
+            "The loss of the step's classes `sl` (a micro-batch); with `stats`, its part of the whole step's."
+            n = slice(sl.start * cfg.Nneg, sl.stop * cfg.Nneg)
+            with accelerator.autocast():
+                x = model(noise[n], labels[sl].repeat_interleave(cfg.Nneg), alpha[sl].repeat_interleave(cfg.Nneg),
+                          None if style is None else style[n])
+                # the encoder is frozen and in eval mode: the real samples' features need no graph (joint=False)
+                return multi_feature_drifting_loss(phi, x.float().view(sl.stop - sl.start, cfg.Nneg, *S), pos[sl],
+                                                   None if unc is None else unc[sl], None if w is None else w[sl],
+                                                   joint=False, taus=cfg.taus, global_batch=world > 1, stats=stats,
+                                                   min_affinity=cfg.min_affinity, phi_real=phi_real, real_chunk=cfg.real_chunk)
+        micro, stats = [slice(i * m_micro, (i + 1) * m_micro) for i in range(k)], None
+        if k > 1:        # S and the drift norms over the whole step (all micro-batches, all processes): two passes first
+            stats = StepStats(global_batch=world > 1)
+            with torch.no_grad():
+                for _ in ("sums", "ms"):
+                    for sl in micro: micro_loss(sl, stats)
+                    stats.next_phase()
+        feats, loss_sum = {}, 0.0
+        for i, sl in enumerate(micro):                               # gradients add up over the micro-batches
+            with accelerator.no_sync(model) if i < k - 1 else contextlib.nullcontext():
+                loss, info = micro_loss(sl, stats)
                 if fault_hook is not None: loss = fault_hook(step + 1, loss)
                 bad = accelerator.reduce(torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=device), "sum")
                 if bad.item() > 0:
                     raise FloatingPointError(f"the loss is not finite at step {step + 1} (value {loss.item()}): stopping "
                                              f"before the update. The last good checkpoint is {last_ckpt or '(none yet)'}")
                 accelerator.backward(loss)
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip) if accelerator.sync_gradients else None
-                opt.step(); opt.zero_grad(set_to_none=True)
-            losses.append(loss.detach()); alphas.append(alpha)
-            for k, v in info.items(): feats[k] = feats.get(k, 0.0) + v / cfg.grad_accum
+            loss_sum = loss_sum + loss.detach()
+            for key, v in info.items(): feats[key] = v if key.startswith("drift/") else feats.get(key, 0.0) + v
+        if grad_hook is not None: grad_hook(step + 1, model)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step(); opt.zero_grad(set_to_none=True)
+        losses, alphas = [loss_sum], [alpha]
         sched.step()
         for ema in emas: ema.update_parameters(unwrap_model(model))
         step += 1

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 from .features import build_encoder, save_encoder, load_encoder
 from .runtime import (cpu_threads, process_state, RunLock, watch_parent, save_state, load_state,
-                                 rng_state, set_rng_state, warmup_lr, job_accelerator)
+                                 rng_state, set_rng_state, warmup_lr, job_accelerator, StopSignal,
+                                 STOP_SIGNALS, COLLECTIVE_TIMEOUT_S, write_stop_marker, clear_stop_marker)
 from .mae import MAE, CropDataset, mae_loss, random_patch_mask, cls_lambda
 
 # %% auto #0
@@ -62,6 +63,8 @@ class MAEConfig:
     keep_checkpoints: int = 2
     log_with: str = "tensorboard"         # "tensorboard" | "none"
     cpu_threads: int = 0                  # torch threads per process on CPU; 0: the machine's cores over its processes
+    stop_signals: tuple = STOP_SIGNALS    # on these: finish the update, checkpoint it, write preempted.json, exit 0
+    collective_timeout_s: float = COLLECTIVE_TIMEOUT_S   # a process that died or hangs ends the others after this
 
 # %% ../nbs/04b_train_mae.ipynb #e80d8115
 PRESETS = {   # the release's configs/mae: latent_ablation_256, latent_640, pixel_640
@@ -87,13 +90,20 @@ def make_config(preset: str, overrides: dict | None = None) -> MAEConfig:
         cfg[k] = _parse_value(v, types[k], k)
     return MAEConfig(**cfg)
 
+def _number_or_name(s: str):
+    "'3' -> 3, '0.5' -> 0.5, 'SIGTERM' -> 'SIGTERM'."
+    try: return int(s)
+    except ValueError: pass
+    try: return float(s)
+    except ValueError: return s
+
 def _parse_value(v, typ, key):
     if not isinstance(v, str): return tuple(v) if typ is tuple else v
     try:
         if typ is bool:
             if v.lower() not in ("1", "0", "true", "false", "yes", "no"): raise ValueError(v)
             return v.lower() in ("1", "true", "yes")
-        if typ is tuple: return tuple(float(s) if "." in s or "e" in s.lower() else int(s) for s in v.split(","))
+        if typ is tuple: return tuple(_number_or_name(s.strip()) for s in v.split(",") if s.strip())
         return typ(v)
     except ValueError:
         raise ValueError(f"bad value {v!r} for {key} (expected {typ.__name__})") from None
@@ -155,21 +165,24 @@ def train_mae(cfg: MAEConfig, output_dir, data_dir=None, max_steps: int | None =
     """Pretrain a ResNet encoder as an MAE (A.3) for cfg.steps updates, the last cfg.ft_steps with the class head (A.4).
     Returns {"step", "history" (logged metrics), "encoder" (folder of the saved EMA encoder)}.
     Torch runs on cfg.cpu_threads threads meanwhile (`drifting_nb.runtime.cpu_threads`), and the main process holds
-    the lock of `output_dir` (`RunLock`): a second process on the same folder is refused, naming the first."""
-    with cpu_threads(cfg.cpu_threads):
+    the lock of `output_dir` (`RunLock`): a second process on the same folder is refused, naming the first.
+    On a signal of cfg.stop_signals every process finishes its update, the run checkpoints it, writes
+    `preempted.json` and returns early with "stopped" (the signal's name) in the result: `--resume` continues it."""
+    with cpu_threads(cfg.cpu_threads), StopSignal(cfg.stop_signals) as stop:
         if not process_state().is_main_process:
-            return _train_mae(cfg, output_dir, data_dir, max_steps, seed, resume, preset, progress)
-        with RunLock(output_dir): return _train_mae(cfg, output_dir, data_dir, max_steps, seed, resume, preset, progress)
+            return _train_mae(cfg, output_dir, data_dir, max_steps, seed, resume, preset, progress, stop)
+        with RunLock(output_dir): return _train_mae(cfg, output_dir, data_dir, max_steps, seed, resume, preset, progress, stop)
 
 def _train_mae(cfg: MAEConfig, output_dir, data_dir=None, max_steps: int | None = None, seed: int = 0,
-               resume: bool = False, preset: str = "", progress: bool = True) -> dict:
+               resume: bool = False, preset: str = "", progress: bool = True, stop: StopSignal | None = None) -> dict:
     from accelerate.utils import set_seed
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
     from tqdm.auto import tqdm
     from drifting_nb.data import InfiniteLoader
     output_dir = Path(output_dir)
     acc = job_accelerator(cpu=process_state().device.type == "cpu", mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
-                          log_with=None if cfg.log_with == "none" else cfg.log_with, project_dir=str(output_dir))
+                          log_with=None if cfg.log_with == "none" else cfg.log_with, project_dir=str(output_dir),
+                          collective_timeout_s=cfg.collective_timeout_s)
     set_seed(seed, device_specific=True)
     micro = cfg.batch_size // (acc.num_processes * cfg.grad_accum)
     if micro < 1 or micro * acc.num_processes * cfg.grad_accum != cfg.batch_size:
@@ -213,6 +226,7 @@ def _train_mae(cfg: MAEConfig, output_dir, data_dir=None, max_steps: int | None 
     elif acc.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         if metrics_file.exists(): metrics_file.unlink()
+    if acc.is_main_process: clear_stop_marker(output_dir)               # it runs again
     if cfg.log_with != "none": acc.init_trackers("mae", config={k: str(v) for k, v in asdict(cfg).items()})
     acc.print(f"MAE {cfg.kind}-{cfg.width}: {sum(p.numel() for p in encoder.parameters()) / 1e6:.2f}M encoder "
               f"parameters, {len(dataset)} samples, {cfg.steps} steps (the last {cfg.ft_steps} fine-tuning), "
@@ -249,8 +263,18 @@ def _train_mae(cfg: MAEConfig, output_dir, data_dir=None, max_steps: int | None 
             if acc.is_main_process:
                 with open(metrics_file, "a") as f: f.write(json.dumps(row) + "\n")
             if cfg.log_with != "none": acc.log(row, step=step)
-        if step % cfg.save_every == 0 or step == total:
-            _save_checkpoint(acc, output_dir, step, cfg, loader, preset, model, opt, ema)
+        saved = step % cfg.save_every == 0 or step == total
+        if saved: _save_checkpoint(acc, output_dir, step, cfg, loader, preset, model, opt, ema)
+        if stop is not None and step < total and stop.agreed(acc):   # one all-reduce: every process stops here
+            if not saved: _save_checkpoint(acc, output_dir, step, cfg, loader, preset, model, opt, ema)
+            bar.close()
+            if acc.is_main_process:
+                write_stop_marker(output_dir, signal=stop.received or "another process's", step=step, total=total,
+                                  checkpoint=str(_checkpoints(output_dir)[-1]), time=time.strftime("%Y-%m-%d %H:%M:%S"))
+            acc.print(f"MAE pretraining stopped on {stop.received or 'a signal to another process'} after update {step} of "
+                      f"{total}: checkpoint {_checkpoints(output_dir)[-1]}; --resume continues it", flush=True)
+            acc.end_training()
+            return dict(step=step, history=history, encoder=None, stopped=stop.received or "peer")
     bar.close()
     acc.wait_for_everyone()
     if acc.is_main_process:

@@ -91,3 +91,18 @@ def test_training_adds_the_convnext_terms_to_the_mae(tmp_path):
     assert len(cnx) == 13 and "convnext/global_mean" in feats and any(k.startswith("mae/") for k in feats)
     with pytest.raises(ValueError, match="convnextv2:"):
         build_phi(TrainConfig(encoder_path=str(tmp_path / "mae"), extra_encoder=f"resnet:{FIX}"), "cpu")
+
+
+def test_features_are_float32_under_the_callers_bf16_autocast(enc):
+    "The release runs ConvNeXt-V2 in float32 (`convnext_bf16: false`): a bf16 training step must not change the terms."
+    x = (torch.rand(2, 3, 64, 64) * 2.2 - 1.1).requires_grad_()
+    with torch.no_grad(): ref = enc(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = enc(x)
+        maps = enc.feature_maps(x)
+    assert all(m.dtype == torch.float32 for m in maps.values())
+    for k, r in ref.items():
+        assert got[k].dtype == torch.float32, k
+        assert (got[k] - r).abs().max() <= 1e-4 * r.abs().max(), k
+    sum(f.square().mean() for f in got.values()).backward()             # still differentiable in the pixels
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0

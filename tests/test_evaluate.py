@@ -56,13 +56,15 @@ class DigitsRun:
         self.by_class = [s.x_train[s.y_train == c] for c in range(10)]
         self.best, self.calls, self.alphas = best, 0, []
 
-    def sample(self, labels, alpha, generator=None):
+    def sample(self, labels, alpha, generator=None, rounding="round"):
         self.calls += 1
         self.alphas.append(alpha)
+        self.roundings = getattr(self, "roundings", []) + [rounding]
         idx = [int(torch.randint(0, len(self.by_class[c]), (1,), generator=generator)) for c in labels.tolist()]
         x = torch.stack([self.by_class[c][i] for c, i in zip(labels.tolist(), idx)])
         x = x + 0.4 * abs(alpha - self.best) * torch.randn(x.shape, generator=generator)
-        return to_u8(x)
+        from drifting_nb.data import to_uint8
+        return to_uint8(x, rounding)
 
 
 @pytest.fixture
@@ -315,3 +317,51 @@ def test_digits_classifier_trains_inside_no_grad(split, tmp_path):
     with torch.no_grad():
         net = train_digits_classifier(split.x_train, split.y_train, steps=5, cache=tmp_path, use_cache=False)
     assert not net.training
+
+
+# ---------------------------------------------------------------- uint8: the release's FID path truncates (issue 24)
+
+
+def test_to_uint8_truncates_as_the_releases_fid_path():
+    from drifting_nb.data import to_uint8
+    x = torch.tensor([-1.5, -1.0, -0.999, 0.0, 0.5, 0.999, 1.0, 2.0]).view(1, 1, 2, 4)
+    assert to_uint8(x).flatten().tolist() == [0, 0, 0, 128, 191, 255, 255, 255]                 # saved images: round
+    assert to_uint8(x, "truncate").flatten().tolist() == [0, 0, 0, 127, 191, 254, 255, 255]
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    release = (np.clip((x.numpy() + 1) / 2, 0, 1) * 255).clip(0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    assert np.array_equal(to_uint8(x, "truncate").numpy(), release)                                # as the release computes it
+    d = to_uint8(x).int() - to_uint8(x, "truncate").int()
+    assert set(d.unique().tolist()) <= {0, 1} and 0.3 < d.float().mean() < 0.7                  # about half a level darker
+    with pytest.raises(ValueError, match="truncate"): to_uint8(x, "floor")
+
+
+def test_evaluate_truncates_by_default(split, tmp_path):
+    ref_path, feats = make_ref(tmp_path, split)
+    ref = ev.load_ref_stats(ref_path)
+    run = DigitsRun(best=1.0)
+    kw = dict(alphas=(1.0,), num_samples=200, batch_size=100, log=lambda s: None)
+    res = ev.evaluate_run(run, ref, feats, **kw)
+    assert res["rounding"] == "truncate" and set(run.roundings) == {"truncate"}
+    run.roundings = []
+    res_round = ev.evaluate_run(run, ref, feats, rounding="round", **kw)
+    assert set(run.roundings) == {"round"} and res_round["best"]["fid"] != res["best"]["fid"]
+    assert "--rounding" in ev.evaluate_parser().format_help() and ev.evaluate_parser().parse_args([]).rounding == "truncate"
+    with pytest.raises(ValueError, match="rounding"): ev.evaluate_run(run, ref, feats, rounding="nearest", **kw)
+
+    class OwnWay:                                                  # a run that makes its uint8 images itself
+        num_classes, config = 10, {}
+        def sample(self, labels, alpha, generator=None): return DigitsRun.sample(run, labels, alpha, generator)
+    with pytest.warns(UserWarning, match="not truncated"):
+        assert ev.evaluate_run(OwnWay(), ref, feats, **kw)["best"]["fid"] > 0
+
+
+def test_released_run_rounds_or_truncates():
+    from pathlib import Path
+    from drifting_nb.release import load_release_run
+    run = load_release_run(Path(__file__).parent / "fixtures" / "release" / "gen_pixel")
+    labels = torch.arange(3)
+    r = run.sample(labels, 1.5, generator=torch.Generator().manual_seed(0))
+    t = run.sample(labels, 1.5, generator=torch.Generator().manual_seed(0), rounding="truncate")
+    assert r.dtype == t.dtype == torch.uint8 and r.shape == t.shape
+    assert set((r.int() - t.int()).unique().tolist()) <= {0, 1} and (r != t).any()
+    assert ev.rounded_run(run).sample(labels, 1.5, generator=torch.Generator().manual_seed(0)).equal(t)

@@ -329,3 +329,36 @@ def test_multi_feature_loss_batched_equals_per_feature():
             test_loss = (want ** 2).mean().item()                  # the loss of a feature is mean(V**2)
             assert abs(info[k] - test_loss) <= 1e-5 * test_loss, (k, info[k], test_loss)
             assert rel(grads[k] / grads[k].norm(), -want / want.norm()) < 1e-5, k   # the gradient is -V, scaled
+
+def test_step_stats_make_micro_batches_equal_one_batch():
+    """A step run as micro-batches with StepStats (sums pass, ms pass, loss pass) has the one-batch loss and gradients
+    to 1e-5; each micro-batch normalised on its own (what grad_accum did before) is percents away."""
+    import functools
+    from drifting_nb.features import build_encoder, extract_features, multi_feature_drifting_loss, StepStats
+    torch.manual_seed(0)
+    Nc, Nneg, Npos, Nunc = 4, 6, 5, 3
+    phi = functools.partial(extract_features, build_encoder("latent", width=8).requires_grad_(False))
+    net, z = torch.nn.Linear(16, 4 * 32 * 32), torch.randn(Nc * Nneg, 16)
+    pos, unc, w = torch.randn(Nc, Npos, 4, 32, 32), torch.randn(Nc, Nunc, 4, 32, 32), torch.rand(Nc) * 3
+    gen = lambda sl: net(z[sl.start * Nneg:sl.stop * Nneg]).view(sl.stop - sl.start, Nneg, 4, 32, 32)
+    loss_of = lambda sl, stats=None: multi_feature_drifting_loss(phi, gen(sl), pos[sl], unc[sl], w[sl], joint=False, stats=stats)
+    def grads():
+        g = [p.grad.clone() for p in net.parameters()]
+        net.zero_grad()
+        return g
+    loss, _ = loss_of(slice(0, Nc)); loss.backward(); g_one = grads()
+    micro = [slice(0, 2), slice(2, 4)]
+    st = StepStats()
+    with torch.no_grad():
+        for _ in range(2):
+            for sl in micro: assert loss_of(sl, st) == (None, {})
+            st.next_phase()
+    total = 0.0
+    for sl in micro:
+        l, _ = loss_of(sl, st); l.backward(); total += l.item()
+    g_micro = grads()
+    assert abs(total - loss.item()) < 1e-5 * loss.item()
+    assert all(((a - b).abs().max() / a.abs().max()).item() < 1e-5 for a, b in zip(g_one, g_micro))
+    for sl in micro: loss_of(sl)[0].backward()                 # statistics of each micro-batch alone
+    assert max(((a - b).abs().max() / a.abs().max()).item() for a, b in zip(g_one, grads())) > 1e-3
+    with pytest.raises(RuntimeError, match="complete"): st.add(["global"], torch.zeros(1, 2))

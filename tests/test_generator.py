@@ -229,3 +229,84 @@ def test_bad_inputs_name_the_problem():
     with pytest.raises(ValueError, match="multiple of patch_size"): build_generator("T/2", input_size=9)
     with pytest.raises(ValueError, match="divisible by num_heads"): build_generator("T/2", num_heads=5)
     assert set(GENERATOR_PRESETS) >= {"B/2", "L/2", "B/16", "L/16", "S/2", "T/2", "digits"}
+
+
+@pytest.mark.parametrize("name", ["B/2", "L/2", "B/16", "L/16"])
+def test_swiglu_halves_start_like_the_releases_two_dense_layers(name):
+    "The release's gate and value are two Dense layers, each xavier-uniform over (D, hidden): std sqrt(2/(D+hidden))."
+    torch.manual_seed(0)
+    m = build_generator(name, depth=1, num_classes=10)                # one block at the preset's width is enough
+    D = GENERATOR_PRESETS[name]["hidden_size"]
+    h = swiglu_hidden(D)
+    want = (6 / (D + h)) ** 0.5 / 3 ** 0.5                           # xavier-uniform bound / sqrt(3)
+    gate, value = m.blocks[0].mlp.w1.weight.detach().chunk(2, 0)      # [h,D] each
+    for half in (gate, value):
+        assert abs(half.std().item() / want - 1) < 0.03, (half.std().item(), want)
+        assert half.abs().max().item() <= want * 3 ** 0.5 + 1e-7       # uniform within the xavier bound
+    assert not m.blocks[0].mlp.w1.bias.any()
+    qkv = m.blocks[0].attn.qkv.weight                                 # the fused qkv: one xavier over (D, 3D), as released
+    assert abs(qkv.std().item() / (2 / (4 * D)) ** 0.5 - 1) < 0.03
+
+
+def test_remat_gives_the_same_outputs_and_gradients():
+    "remat=True (activation checkpointing) recomputes each block in backward: same numbers, same state_dict keys."
+    ref, ck = perturbed(build_generator("digits", depth=2)), build_generator("digits", depth=2, remat=True)
+    assert list(ref.state_dict()) == list(ck.state_dict())
+    ck.load_state_dict(ref.state_dict())
+    ref.train(); ck.train()
+    eps, lab, alpha, st = inputs(ref, n=3)
+    calls = []
+    import torch.utils.checkpoint as tuc
+    orig = tuc.checkpoint
+    def spy(*a, **kw):
+        calls.append(kw.get("use_reentrant")); return orig(*a, **kw)
+    import drifting_nb.generator as G
+    G.checkpoint = spy
+    try:
+        out_ref, out_ck = ref(eps, lab, alpha, st), ck(eps, lab, alpha, st)
+    finally:
+        G.checkpoint = orig
+    assert calls == [False] * len(ck.blocks)                          # one checkpoint per block, non-reentrant
+    assert torch.equal(out_ref, out_ck)
+    target = torch.randn_like(out_ref)
+    (out_ref - target).pow(2).mean().backward()
+    (out_ck - target).pow(2).mean().backward()
+    for (n, p), q in zip(ref.named_parameters(), ck.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-6, msg=n)
+    with torch.autocast("cpu", dtype=torch.bfloat16):                # bf16 autocast: forward and backward run
+        xb = ck(eps, lab, alpha, st)
+    assert xb.dtype == torch.bfloat16
+    xb.float().pow(2).mean().backward()
+    ck.eval()
+    calls.clear(); G.checkpoint = spy
+    try:
+        with torch.no_grad(): ck(eps, lab, alpha, st)                 # eval or no grad: nothing to recompute
+    finally:
+        G.checkpoint = orig
+    assert calls == []
+
+
+def test_rope_in_bf16_is_an_option_under_autocast():
+    "rope_fp32=False builds the RoPE tables in the autocast dtype (the release's bf16 models with attn_fp32 false)."
+    m = perturbed(small())
+    eps, lab, alpha, st = inputs(m)
+    assert m.rope_tables("cpu")[0].dtype == torch.float32
+    with torch.no_grad(): r32 = m(eps, lab, alpha, st)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        a = m(eps, lab, alpha, st)
+        m.rope_fp32 = False
+        cos, sin = m.rope_tables("cpu")
+        b = m(eps, lab, alpha, st)
+    assert cos.dtype == torch.bfloat16 and not torch.equal(a, b)
+    torch.testing.assert_close(b.float(), a.float(), atol=0.05 * a.abs().max().item(), rtol=0)
+    with torch.no_grad(): assert torch.equal(m(eps, lab, alpha, st), r32)       # without autocast: float32 RoPE as before
+    assert build_generator("T/2", rope_fp32=False).config["rope_fp32"] is False
+
+
+def test_bf16_rope_tables_round_positions_like_the_release():
+    "In bf16 the 272 positions of a latent generator (16 + 256 tokens) collapse to 265 distinct values."
+    cos, sin = rope_1d(64, 272, dtype=torch.bfloat16)
+    assert cos.dtype == torch.bfloat16 and cos.shape == (272, 64)
+    assert len(torch.unique(torch.cat([cos, sin], 1), dim=0)) == 265
+    c32, s32 = rope_1d(64, 272)
+    assert torch.equal(c32, rope_1d(64, 272, dtype=torch.float32)[0]) and len(torch.unique(c32, dim=0)) == 272

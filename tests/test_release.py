@@ -127,3 +127,84 @@ def test_training_starts_from_released_weights():
     for k, v in ref.state_dict().items(): assert torch.equal(model.state_dict()[k], v), k
     with pytest.raises(ValueError, match="hidden_size"):                        # T/2 as it is: not the release's shape
         init_from_release(build_model(get_config("tiny-latent", image_size=64, num_classes=6)), cfg.init_from)
+
+
+# RoPE precision (issue 24): the released latent generators run with use_bf16 and attn_fp32 false, where the release
+# builds its RoPE tables and rotates q, k in bfloat16. rope_bf16.npz and gen_bf16/ hold what the release's own code
+# computes (tools/release_rope_fixtures.py).
+ROPE = FIX / "rope_bf16.npz"
+ROPE_SETTINGS = {"f32": torch.float32, "bf16_ropef32": torch.float32, "bf16_ropebf16": torch.bfloat16}
+
+
+@pytest.mark.parametrize("hd", [16, 64])
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_rope_tables_are_the_releases(hd, dtype):
+    from drifting_nb.generator import rope_1d
+    io = np.load(ROPE)
+    cos, sin = rope_1d(hd, 272, dtype=torch.float32 if dtype == "f32" else torch.bfloat16)
+    for ours, name in ((cos, "cos"), (sin, "sin")):
+        theirs = torch.from_numpy(io[f"{name}{hd}_{dtype}"])                     # [272, hd/2], repeated in the layout
+        torch.testing.assert_close(ours.float(), torch.cat([theirs, theirs], 1), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("setting", list(ROPE_SETTINGS))
+def test_rope_rotates_q_and_k_as_the_release(setting):
+    "Given the release's own q, k after QK-norm, our rotation in the setting's dtype gives its rotated q, k."
+    from drifting_nb.generator import apply_rope, rope_1d
+    io = np.load(ROPE)
+    dt = ROPE_SETTINGS[setting]
+    tables = rope_1d(16, 272, dtype=dt)
+    for x in ("q", "k"):
+        before = torch.from_numpy(io[f"attn/{setting}/{x}_norm"]).transpose(1, 2)  # [N,H,L,hd], bf16 values in bf16 runs
+        got = apply_rope(before.to(dt), *tables)
+        assert got.dtype == dt
+        want = torch.from_numpy(io[f"attn/{setting}/{x}"]).transpose(1, 2)
+        torch.testing.assert_close(got.float(), want, rtol=0, atol=1e-5)
+
+
+def _release_attention(io, attn_fp32=True):
+    from drifting_nb.generator import Attention
+    att = Attention(16, 1, attn_fp32=attn_fp32)
+    p = lambda k: torch.from_numpy(io[f"attn/p/{k}"])
+    with torch.no_grad():
+        att.qkv.weight.copy_(p("TorchLinear_0/Dense_0/kernel").T); att.qkv.bias.copy_(p("TorchLinear_0/Dense_0/bias"))
+        att.proj.weight.copy_(p("TorchLinear_1/Dense_0/kernel").T); att.proj.bias.copy_(p("TorchLinear_1/Dense_0/bias"))
+        att.q_norm.weight.copy_(p("q_norm/weight")); att.k_norm.weight.copy_(p("k_norm/weight"))
+    return att
+
+
+def test_attention_layer_matches_the_release():
+    "float32: the whole layer to 1e-5; bf16 (either RoPE): within bf16 rounding (the release's bf16 matmuls and "
+    "softmax are not torch's; what can be compared exactly is the rotation above)."
+    from drifting_nb.generator import rope_1d
+    io = np.load(ROPE)
+    x = torch.from_numpy(io["attn/x"])
+    with torch.no_grad():
+        got = _release_attention(io)(x, rope_1d(16, 272))
+        want = io["attn/f32/out"]
+        assert np.abs(got.numpy() - want).max() <= 1e-5 * np.abs(want).max()
+        for setting, fp32 in (("bf16_ropef32", True), ("bf16_ropebf16", False)):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got = _release_attention(io, fp32)(x, rope_1d(16, 272, dtype=ROPE_SETTINGS[setting]))
+            want = io[f"attn/{setting}/out"]
+            assert np.abs(got.float().numpy() - want).max() <= 0.02 * np.abs(want).max(), setting
+
+
+def test_released_bf16_generator_gets_bf16_rope_from_its_metadata():
+    io = np.load(FIX / "gen_bf16" / "io.npz")
+    model = load_generator(FIX / "gen_bf16")
+    meta = json.loads((FIX / "gen_bf16" / "metadata.json").read_text())["model_config"]
+    assert meta["use_bf16"] and not meta["attn_fp32"] and model.rope_fp32 is False
+    assert load_generator(FIX / "gen_latent").rope_fp32 is True                 # float32 releases: float32 RoPE
+    args = (torch.from_numpy(io["x"]).permute(0, 3, 1, 2), torch.from_numpy(io["c"]).long(),
+            torch.from_numpy(io["cfg_scale"]), torch.from_numpy(io["noise_labels"]).long())
+    scale = np.abs(io["out_f32"]).max()
+    with torch.no_grad():
+        f32 = model(*args).numpy().transpose(0, 2, 3, 1)                       # no autocast: float32 throughout
+        assert np.abs(f32 - io["out_f32"]).max() <= 1e-5 * scale
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model.rope_tables("cpu")[0].dtype == torch.bfloat16
+            bf16 = model(*args).float().numpy().transpose(0, 2, 3, 1)
+    # the release's whole network is bf16 (residual stream, adaLN, MLP); under autocast ours is not: samples agree
+    # to bf16 precision, not bit for bit
+    assert np.abs(bf16 - io["out"]).max() <= 0.03 * scale

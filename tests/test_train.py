@@ -150,15 +150,75 @@ def test_cpu_threads_apply_during_the_run_and_are_restored(encoder, folder, tmp_
     with pytest.raises(ValueError, match="positive thread count"):
         train(get_config("tiny-pixel", encoder_path=encoder, data_dir=str(folder), output_dir=str(tmp_path / "r2"), cpu_threads=-2))
 
-def test_gradient_accumulation_splits_the_classes(encoder, folder, tmp_path):
-    "grad_accum=3 runs one class per micro-batch and still makes one optimizer step per step."
-    cfg = get_config("tiny-pixel", encoder_path=encoder, data_dir=str(folder), output_dir=str(tmp_path / "run"),
-                     grad_accum=3, max_steps=2, sample_every=0)
-    train(cfg)
-    rows = _rows(cfg.output_dir)
-    assert [r["step"] for r in rows] == [1, 2] and rows[-1]["effective_batch"] == 3 * 4
-    with pytest.raises(ValueError, match="grad_accum"):
+ACCUM_SCRIPT = """
+import sys, torch
+from accelerate import PartialState
+from drifting_nb.train import get_config, train
+def run(data, out, k, Nc, encoder):
+    "Steps 1-3 at k=1 (k=0), or step 4 from their checkpoint (copied to out/b<k>) at k: each process's step-4 gradients."
+    kw = dict(data_dir=data, Nc=Nc, num_classes=Nc, sample_every=0, ckpt_every=1, log_every=1, lr=1e-2, warmup_steps=0)
+    kw.update(encoder="none") if encoder == "none" else kw.update(encoder_path=encoder)
+    if k == 0: return train(get_config("tiny-pixel", output_dir=f"{out}/a", max_steps=3, grad_accum=1, **kw))
+    grads = []
+    hook = lambda step, model: grads.append([p.grad.detach().clone() for p in model.parameters()])
+    train(get_config("tiny-pixel", output_dir=f"{out}/b{k}", max_steps=4, grad_accum=k, **kw), resume=True, grad_hook=hook)
+    torch.save(grads[-1], f"{out}/grads{k}_{PartialState().process_index}.pt")
+if __name__ == "__main__": run(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
+"""
+
+def _accum_runs(folder, tmp_path, k, Nc, encoder, launch=None):
+    "Steps 1-3 once, then step 4 at grad_accum 1 and k from copies of that run (ACCUM_SCRIPT, in-process or launched)."
+    import shutil
+    (tmp_path / "accum.py").write_text(ACCUM_SCRIPT)
+    def phase(kk):
+        if launch is None:
+            sys.path.insert(0, str(tmp_path))
+            try:
+                import accum
+                accum.run(str(folder), str(tmp_path), kk, Nc, encoder)
+            finally: sys.path.remove(str(tmp_path)); sys.modules.pop("accum", None)
+        else:
+            r = subprocess.run(launch + [str(tmp_path / "accum.py"), str(folder), str(tmp_path), str(kk), str(Nc), encoder],
+                               capture_output=True, text=True, env=ENV, timeout=600)
+            assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    phase(0)
+    for kk in (1, k):
+        shutil.copytree(tmp_path / "a", tmp_path / f"b{kk}")
+        phase(kk)
+
+def _rel_max(a, b):
+    "Largest gradient difference relative to the largest gradient entry of each tensor, over a list of tensors."
+    return max(((x - y).abs().max() / x.abs().max().clamp_min(1e-30)).item() for x, y in zip(a, b))
+
+def _losses_of(out):
+    return {r["step"]: (r["loss"], r["grad_norm"]) for r in _rows(out) if "loss" in r}
+
+def test_gradient_accumulation_equals_one_big_batch(encoder, folder, tmp_path):
+    """grad_accum=3 runs one class per micro-batch, yet S and the drift norms are the whole step's: the loss and every
+    gradient equal the one-batch step to 1e-5 (with per-micro-batch statistics they differ by percents)."""
+    _accum_runs(folder, tmp_path, 3, 3, encoder)
+    g1, g3 = (torch.load(tmp_path / f"grads{k}_0.pt", weights_only=True) for k in (1, 3))
+    assert sum(int(x.abs().max() > 0) for x in g1) > 0.9 * len(g1), "step 4 should move (almost) every weight"
+    assert _rel_max(g1, g3) < 1e-5
+    one, three = _losses_of(tmp_path / "b1"), _losses_of(tmp_path / "b3")
+    assert math.isclose(one[4][0], three[4][0], rel_tol=1e-5) and math.isclose(one[4][1], three[4][1], rel_tol=1e-5)
+    rows = _rows(tmp_path / "b3")
+    assert rows[-1]["effective_batch"] == 3 * 4
+    with pytest.raises(ValueError, match="grad.accum"):
         train(get_config("tiny-pixel", encoder_path=encoder, data_dir=str(folder), output_dir=str(tmp_path / "r2"), grad_accum=2))
+
+def test_gradient_accumulation_over_two_processes_equals_one_big_batch(tmp_path):
+    "Two gloo processes, two classes each in two micro-batches: the gradients equal the one-micro-batch step to 1e-5."
+    data = tmp_path / "data"
+    make_fake_imagefolder(data / "train", num_classes=4, per_class=12, size=(24, 20))
+    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no"]
+    _accum_runs(data, tmp_path, 2, 4, "none", launch)
+    for rank in (0, 1):
+        g1, g2 = (torch.load(tmp_path / f"grads{k}_{rank}.pt", weights_only=True) for k in (1, 2))
+        assert _rel_max(g1, g2) < 1e-5, rank
+    one, two = _losses_of(tmp_path / "b1"), _losses_of(tmp_path / "b2")
+    assert math.isclose(one[4][0], two[4][0], rel_tol=1e-5)
 
 def _fake_cifar10(root, per_batch: int = 20):
     "Random images in torchvision's CIFAR-10 layout (cifar-10-batches-py: five data batches, a test batch, the meta)."
