@@ -471,8 +471,8 @@ class ConvNeXtV2Features(_PixelInput):
 
     def feature_maps(self, x: Tensor) -> dict[str, Tensor]:
         """ImageNet-normalise, resize to size x size (bilinear, antialiased), run: {'stage0': [n,C0,size/4,size/4], ...}.
-        Always in float32, whatever autocast the caller runs under: the release runs ConvNeXt in float32
-        (`convnext_bf16: false` in every pixel config); under bf16 autocast its 13 terms would move by up to ~1%."""
+        Always in float32, whatever autocast the caller runs under: the release runs ConvNeXt in float32 (its
+        `convnext_bf16` defaults to false and no config sets it); under bf16 autocast the 13 terms would move ~1%."""
         dev = x.device.type
         no_autocast = torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else contextlib.nullcontext()
         with no_autocast:

@@ -15,8 +15,10 @@ from tqdm.auto import tqdm
 
 from .drift import alpha_to_weight, sample_alpha
 from .generator import unwrap_model
-from .runtime import cpu_threads, process_state, RunLock, run_child, warmup_lr, LR_SCHEDULES, job_accelerator
-from .run import (sample_shape, load_vae, make_decode, build_model, list_checkpoints, latest_checkpoint,
+from .runtime import (cpu_threads, process_state, RunLock, run_child, warmup_lr, LR_SCHEDULES, job_accelerator,
+                      StopSignal, STOP_SIGNALS, COLLECTIVE_TIMEOUT_S, PeerWatch, start_child, wait_on_main,
+                      write_stop_marker, read_stop_marker, clear_stop_marker)
+from .run import (resume_seed, continue_loader, sample_shape, load_vae, make_decode, build_model, list_checkpoints, latest_checkpoint,
                              check_resumable, save_checkpoint, load_checkpoint, remove_partial_checkpoints,
                              truncate_metrics, log_metrics, Run, load_run)
 
@@ -24,8 +26,8 @@ from .run import (sample_shape, load_vae, make_decode, build_model, list_checkpo
 __all__ = ['RELEASE_CFG_LIST', 'PRESETS', 'REAL_FEATURE_TABLE_MAX', 'TrainConfig', 'check_config', 'toy_presets',
            'all_preset_names', 'get_config', 'parse_args', 'resolve_config', 'build_dataset', 'load_feature_encoder',
            'encoder_dir', 'pretrain_encoder', 'real_feature_table', 'build_phi', 'draw_step', 'lr_lambda',
-           'save_sample_grid', 'plan_step', 'train', 'score_line', 'queue_push_per_process', 'fid_scores',
-           'evaluate_during_training', 'evaluate_run_model', 'main']
+           'save_sample_grid', 'plan_step', 'train', 'score_line', 'queue_push_per_process', 'continue_data',
+           'fid_scores', 'evaluate_during_training', 'evaluate_run_model', 'main']
 
 # %% ../nbs/07_train.ipynb #a630482d
 @dataclass
@@ -103,6 +105,9 @@ class TrainConfig:
     eval_batch_size: int = 250         # samples per network call while evaluating
     seed: int = 0
     cpu_threads: int = 0               # torch threads per process on CPU; 0: the machine's cores over its processes
+    # a shared cluster (notebook 06a): stop on a notice, do not wait for a lost process
+    stop_signals: tuple = STOP_SIGNALS  # on these: finish the step, checkpoint it, write preempted.json, exit 0 (empty: none)
+    collective_timeout_s: float = COLLECTIVE_TIMEOUT_S   # any collective gives up after this (a dead or hung process)
     gpu_memory: float = 0.0            # GiB a process may use on its GPU (0: the device's own; not checked on a CPU)
     host_memory: float = 0.0           # GiB of host memory per node the run may use (0: not checked)
 
@@ -125,7 +130,8 @@ _RULES = {**{k: _whole(1) for k in ("Nc", "Npos", "Nneg", "max_steps", "log_ever
           "remat": _choice("auto", "on", "off"),
           "gpu_memory": _number(lambda v: v >= 0, "a size in GiB >= 0 (0: the device's own)"),
           "host_memory": _number(lambda v: v >= 0, "a size in GiB >= 0 (0: not checked)"),
-          "eval_batch_size": _whole(1), "augment": _choice("center", "center-flip", "rrc"),
+          "eval_batch_size": _whole(1),
+          "collective_timeout_s": _number(lambda v: v > 0, "a finite number of seconds > 0"), "augment": _choice("center", "center-flip", "rrc"),
           "lr": _number(lambda v: v > 0, "a finite number > 0"),
           "weight_decay": _number(lambda v: v >= 0, "a finite number >= 0"),
           "beta1": _number(lambda v: 0 <= v < 1, "a number in [0, 1)"), "beta2": _number(lambda v: 0 <= v < 1, "a number in [0, 1)"),
@@ -151,6 +157,9 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     for small, big in (("Npos", "queue_per_class"), ("Nunc", "queue_global"), ("Nc", "num_classes")):
         if getattr(cfg, small) > getattr(cfg, big):
             raise ValueError(f"{_flag(small)}={getattr(cfg, small)} exceeds {_flag(big)}={getattr(cfg, big)}")
+    try: StopSignal(cfg.stop_signals)
+    except (ValueError, TypeError):
+        raise ValueError(f"--stop-signals must be signal names such as SIGTERM,SIGUSR1 (empty: none), got {cfg.stop_signals!r}") from None
     if cfg.queue_dtype == "uint8" and cfg.space != "pixel": raise ValueError("--queue-dtype uint8 holds 8-bit images, not latents")
     return cfg
 
@@ -244,7 +253,8 @@ def _parse_value(text: str, current):
         return v
     if isinstance(current, tuple):
         if not text.strip(): return ()
-        v = ast.literal_eval(text if "(" in text or "[" in text else f"({text},)")
+        try: v = ast.literal_eval(text if "(" in text or "[" in text else f"({text},)")
+        except (ValueError, SyntaxError): v = tuple(s.strip() for s in text.strip("()[] ").split(",") if s.strip())   # names
         return tuple(v) if isinstance(v, (tuple, list)) else (v,)
     if isinstance(current, (int, float)) and not isinstance(current, bool):
         return type(current)(ast.literal_eval(text)) if isinstance(current, float) else int(text)
@@ -349,10 +359,12 @@ def encoder_dir(cfg: TrainConfig) -> Path:
     "Where the run's feature encoder lives: --encoder-path, or <output_dir>/encoder for in-run pretraining."
     return Path(cfg.encoder_path) if cfg.encoder_path else Path(cfg.output_dir) / "encoder"
 
-def pretrain_encoder(cfg: TrainConfig, accelerator) -> Path:
+def pretrain_encoder(cfg: TrainConfig, accelerator, stop: StopSignal | None = None) -> Path:
     """In-run MAE pretraining (small presets): the main process runs `python -m drifting_nb.train_mae` (notebook 04)
     in a child process of its own, the others wait. Reused when <output_dir>/encoder already holds an encoder, and
-    resumed if it was interrupted."""
+    resumed if it was interrupted. A stop signal (`stop`) reaches the child, which checkpoints and ends; this job then
+    stops too (`stop.requested`). The other processes wait in one small all-reduce a second (`wait_on_main`), so the
+    collective timeout need not cover the pretraining."""
     path = encoder_dir(cfg)
     if cfg.encoder != "mae" or (path / "encoder.safetensors").is_file() or _is_release_mae(path): return path
     if cfg.encoder_path:
@@ -366,14 +378,21 @@ def pretrain_encoder(cfg: TrainConfig, accelerator) -> Path:
         fmt = lambda v: ",".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v).lower() if isinstance(v, bool) else str(v)
         cmd = [sys.executable, "-m", "drifting_nb.train_mae", "--preset", cfg.mae_preset, "--output-dir", str(path),
                "--seed", str(cfg.seed), "--resume"] + (["--data-dir", cfg.data_dir] if cfg.data_dir else [])
-        cmd += [f"{k}={fmt(v)}" for k, v in cfg.mae_overrides.items()]
+        cmd += [f"{k}={fmt(v)}" for k, v in {"stop_signals": cfg.stop_signals, **cfg.mae_overrides}.items()]
         env = {k: v for k, v in os.environ.items()                    # a plain single process, not part of this launch
                if not k.startswith(("ACCELERATE_", "LOCAL_", "GROUP_", "ROLE_", "TORCHELASTIC_"))
                and k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
         print(f"pretraining the feature encoder: {' '.join(cmd[1:])}", flush=True)
-        rc = run_child(cmd, env)                                       # dies with this process, even on kill -9
-        if rc != 0: raise RuntimeError(f"MAE pretraining failed (exit code {rc}): {' '.join(cmd)}")
-    accelerator.wait_for_everyone()
+        child = start_child(cmd, env, stop)                            # dies with this process, even on kill -9
+        def poll():                  # a child the stop signal ended before its handler was in place: stopped, not failed
+            rc = child.poll()
+            return 0 if rc is not None and rc < 0 and stop is not None and stop.requested else rc
+    rc = wait_on_main(accelerator, poll if accelerator.is_main_process else None)
+    if accelerator.is_main_process and stop is not None:
+        stop.children.discard(child.pid)
+        said = read_stop_marker(path)                                # the child stopped on a signal of its own
+        if said and not stop.requested: stop.received, stop.time = said.get("signal", "SIGTERM"), time.time()
+    if rc != 0: raise RuntimeError(f"MAE pretraining failed (exit code {rc}): {' '.join(map(str, cmd)) if accelerator.is_main_process else 'see the main process'}")
     return path
 
 REAL_FEATURE_TABLE_MAX = 100_000   # samples: the table is for small data sets held in memory (digits: 1437)
@@ -465,18 +484,28 @@ def train(cfg: TrainConfig, resume: bool = False, fault_hook=None, grad_hook=Non
     the loss, for tests of the failure paths; `grad_hook(step, model)` sees the step's gradients before clipping. Torch runs on cfg.cpu_threads threads meanwhile (`cpu_threads`); the main
     process holds the lock of the output folder (`RunLock`): a second process on the same folder is refused."""
     check_config(cfg)
-    with cpu_threads(cfg.cpu_threads):
-        if not process_state().is_main_process: return _train(cfg, resume, fault_hook, grad_hook)
-        with RunLock(cfg.output_dir): return _train(cfg, resume, fault_hook, grad_hook)
+    main = process_state().is_main_process                           # sets the process group up: the watch needs it
+    with cpu_threads(cfg.cpu_threads), StopSignal(cfg.stop_signals) as stop, \
+            PeerWatch(stale_s=min(60.0, cfg.collective_timeout_s)) as peers:
+        try:
+            if not main: return _train(cfg, resume, fault_hook, grad_hook, stop)
+            with RunLock(cfg.output_dir): return _train(cfg, resume, fault_hook, grad_hook, stop)
+        except RuntimeError as e:                                    # a collective failed: name who is gone
+            last = list_checkpoints(cfg.output_dir)
+            lost = peers.explain(e, f". The last checkpoint is {last[-1] if last else '(none yet)'}; --resume continues "
+                                    f"it on the processes that remain (any count that divides --Nc {cfg.Nc})")
+            if lost is None: raise
+            raise lost from e
 
-def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None, grad_hook=None) -> dict:
+def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None, grad_hook=None, stop: StopSignal | None = None) -> dict:
     out = Path(cfg.output_dir)
     if process_state().is_main_process and list_checkpoints(out) and not resume:
         raise FileExistsError(f"{out} already holds checkpoints (latest {list_checkpoints(out)[-1].name}): pass --resume "
                               "to continue it, or choose another --output-dir")
     dataset = build_dataset(cfg)                                     # data errors before anything is written
     accelerator = job_accelerator(cpu=process_state().device.type == "cpu", mixed_precision=cfg.mixed_precision,
-                              log_with="tensorboard", project_dir=str(out))   # micro-batches are summed by hand (StepStats)
+                              log_with="tensorboard", project_dir=str(out),
+                              collective_timeout_s=cfg.collective_timeout_s)   # micro-batches are summed by hand (StepStats)
     rank, world, device, main = accelerator.process_index, accelerator.num_processes, accelerator.device, accelerator.is_main_process
     if cfg.Nc % world: raise ValueError(f"Nc={cfg.Nc} classes per step cannot be split over {world} processes")
     m_local = cfg.Nc // world                                        # classes per process and step
@@ -488,6 +517,7 @@ def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None, grad_hook=No
     if main:
         out.mkdir(parents=True, exist_ok=True)
         remove_partial_checkpoints(out)                              # left by a kill mid-checkpoint
+        clear_stop_marker(out)                                       # it runs again
         truncate_metrics(out, found[1]["step"] if found else 0)      # rows after the checkpoint run again
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     accelerator.wait_for_everyone()
@@ -498,7 +528,16 @@ def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None, grad_hook=No
     S = sample_shape(cfg)
     vae = load_vae(cfg)
     decode = make_decode(cfg, vae)
-    pretrain_encoder(cfg, accelerator)                               # small presets: the MAE of notebook 04, first
+    pretrain_encoder(cfg, accelerator, stop)                         # small presets: the MAE of notebook 04, first
+    if stop is not None and stop.agreed(accelerator):                # a stop signal during the pretraining: its child saved
+        if main:
+            write_stop_marker(out, signal=stop.received or "another process's", step=found[1]["step"] if found else 0,
+                              checkpoint=str(found[0]) if found else None, during="MAE pretraining",
+                              time=time.strftime("%Y-%m-%d %H:%M:%S"))
+            print(f"stopping on {stop.received or 'a signal to another process'} during the MAE pretraining (its "
+                  f"checkpoint is in {encoder_dir(cfg)}); exit status 0; --resume continues", flush=True)
+        accelerator.end_training()
+        return dict(stopped=stop.received or "peer", step=found[1]["step"] if found else 0)
     phi = build_phi(cfg, device, vae)
     set_seed(cfg.seed)                                               # the same initial weights on every process
     model = build_model(cfg, remat=remat)
@@ -536,12 +575,19 @@ def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None, grad_hook=No
     if found:                                                        # exact resume: every state of every process
         ckpt, meta = found
         rs = load_checkpoint(ckpt, meta, accelerator, model, opt, sched, emas)
-        if "queue" in rs: queue.load_state_dict(rs["queue"])
-        loader.load_state_dict(rs["loader"])
-        if unc_loader is not None: unc_loader.load_state_dict(rs["unc_loader"])
-        gen.set_state(rs["gen"]); gen_dev.set_state(rs["gen_dev"].to(gen_dev.get_state().device))
         step = meta["step"]
-        if main: print(f"resumed from {ckpt} at step {step}")
+        if rs.get("resharded"):                                      # another process count: see notebook 07a
+            continue_data(cfg, rs, loader, unc_loader)
+            gen.manual_seed(resume_seed(cfg.seed, rank, step)); gen_dev.manual_seed(resume_seed(cfg.seed, rank, step) + 1)
+            if main: print(f"resumed from {ckpt} at step {step}, written by {rs['from_processes']} process(es), on {world}: "
+                           f"weights, optimizer, schedule, EMAs and step as saved; sample queues refilled, random streams "
+                           f"reseeded, data continued (notebook 07a)")
+        else:
+            if "queue" in rs: queue.load_state_dict(rs["queue"])
+            loader.load_state_dict(rs["loader"])
+            if unc_loader is not None: unc_loader.load_state_dict(rs["unc_loader"])
+            gen.set_state(rs["gen"]); gen_dev.set_state(rs["gen_dev"].to(gen_dev.get_state().device))
+            if main: print(f"resumed from {ckpt} at step {step}")
     if not found or "queue" not in rs:                               # every class holds Npos samples before the step
         t0 = time.time()
         used = fill_queue(queue, loader, cfg.Npos, cfg.Nunc, unc_batches=unc_loader)
@@ -565,7 +611,7 @@ def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None, grad_hook=No
         if plan_text: print(plan_text)
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not main, desc=cfg.preset, dynamic_ncols=True)
     model.train()
-    t_last, summary = time.time(), {}
+    t_last, summary, stopping = time.time(), {}, False
     while step < cfg.max_steps:
         x_real, y_real = next(loader)                                # the newest real samples join the queue
         queue.push(x_real, y_real, to_unc=unc_loader is None)
@@ -623,16 +669,29 @@ def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None, grad_hook=No
                 accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", ips=f"{row['imgs_per_s']:.0f}")
             summary = row
-        if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.max_steps) and main:
+        stopping = stop is not None and step < cfg.max_steps and stop.agreed(accelerator)   # one all-reduce a step
+        if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.max_steps) and main and not stopping:
             save_sample_grid(emas[0].module, cfg, decode, out / "samples" / f"step_{step:08d}.png", cfg.sample_alpha, device)
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps and not stopping:
             scores = evaluate_during_training(emas[0].module, cfg, device, decode, accelerator)   # every process
             if scores and main:
                 log_metrics(out, dict(step=step, eval=scores)); accelerator.log(_flat_scores(scores), step=step)
                 tqdm.write(f"step {step}: " + score_line(scores))
-        if step % cfg.ckpt_every == 0 or step == cfg.max_steps:
+        if step % cfg.ckpt_every == 0 or step == cfg.max_steps or stopping:
             last_ckpt = save_checkpoint(accelerator, out, step, cfg, model, opt, sched, emas, rank_state(), cfg.keep_ckpts)
+        if stopping:                                                 # every process saved this step: leave
+            sig = stop.received or "a signal to another process"
+            if main:
+                write_stop_marker(out, signal=stop.received or "another process's", step=step, checkpoint=str(last_ckpt),
+                                  time=time.strftime("%Y-%m-%d %H:%M:%S"))
+                log_metrics(out, dict(step=step, stopped=stop.received or "peer"))
+                tqdm.write(f"stopping on {sig} after step {step}" + (f", {time.time() - stop.time:.1f} s after it" if stop.time else "")
+                           + f": checkpoint {last_ckpt}; exit status 0 (preempted.json); --resume continues")
+            break
     bar.close()
+    if stopping:
+        accelerator.end_training()
+        return dict(summary, stopped=stop.received or "peer", step=step)
     if main: save_sample_grid(emas[0].module, cfg, decode, out / "samples.png", cfg.sample_alpha, device)
     scores = evaluate_during_training(emas[0].module, cfg, device, decode, accelerator, out=out)
     if main:
@@ -667,6 +726,24 @@ def queue_push_per_process(cfg: TrainConfig, num_processes: int) -> int:
     processes (the release pushed 64-128 per host on 16-32 hosts: 1 GPU pushes them all, 8 GPUs an eighth each)."""
     if cfg.queue_push_global > 0: return max(1, math.ceil(cfg.queue_push_global / num_processes))
     return cfg.queue_push
+
+def continue_data(cfg: TrainConfig, rs: dict, loader, unc_loader):
+    """Resume on another process count (`rs`: process 0's state from `run.load_checkpoint`, resharded): the loaders
+    that read the whole data set interleaved over the processes with the same seed (the single loader of an unsharded
+    run, the unconditional loaders of a sharded one) continue the old ones' epoch where they stood
+    (`run.continue_loader`); a loader without such a predecessor (the per-process class loaders, whose classes change
+    with the process count) starts the next epoch of its own order."""
+    n_old = rs["from_processes"]
+    old_push = queue_push_per_process(cfg, n_old)
+    old_shard = cfg.queue_shard and n_old > 1
+    key, size = ("unc_loader", max(1, math.ceil(old_push / 4))) if old_shard else ("loader", old_push)
+    whole = unc_loader if unc_loader is not None else loader         # this run's loader over the whole data set
+    epoch = max(rs[k]["epoch"] for k in ("loader", "unc_loader") if k in rs)
+    for l in (loader, unc_loader):
+        if l is None: continue
+        if l is whole and rs[key]["seed"] == l.seed:
+            continue_loader(l, rs[key], size, rs[key]["world_size"])
+        else: l.load_state_dict({**l.state_dict(), "epoch": epoch + 1, "batch": 0})
 
 @functools.lru_cache(maxsize=2)
 def _fidelity(name: str, weights: str, device: str):

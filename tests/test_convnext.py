@@ -94,7 +94,7 @@ def test_training_adds_the_convnext_terms_to_the_mae(tmp_path):
 
 
 def test_features_are_float32_under_the_callers_bf16_autocast(enc):
-    "The release runs ConvNeXt-V2 in float32 (`convnext_bf16: false`): a bf16 training step must not change the terms."
+    "The release runs ConvNeXt-V2 in float32 (`convnext_bf16` defaults to false): a bf16 step must not change the terms."
     x = (torch.rand(2, 3, 64, 64) * 2.2 - 1.1).requires_grad_()
     with torch.no_grad(): ref = enc(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -220,7 +220,9 @@ def test_a_crash_before_the_first_checkpoint_logs_no_step_twice(folder, tmp_path
 @pytest.mark.parametrize("args, flag", [(["--lr", "abc"], "--lr"), (["--taus", ""], "--taus"), (["--Nc", "-3"], "--Nc"),
                                         (["--Nc", "0"], "--Nc"), (["--ckpt-every", "0"], "--ckpt-every"),
                                         (["--log-every", "0"], "--log-every"), (["--max-steps", "0"], "--max-steps"),
-                                        (["--ema-decays", "1.5"], "--ema-decays")])
+                                        (["--ema-decays", "1.5"], "--ema-decays"),
+                                        (["--stop-signals", "SIGKILL"], "--stop-signals"),
+                                        (["--collective-timeout-s", "0"], "--collective-timeout-s")])
 def test_bad_values_are_refused_up_front(args, flag, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(ValueError, match=f"^{flag} must be .*, got") as e:

@@ -1,7 +1,7 @@
 """Runs on a shared cluster: a notice to stop (SIGTERM, SIGUSR1) ends with a checkpoint of the step reached and exit
 status 0, in every process and in an MAE pretraining child; a checkpoint resumes on another process count; a process
 that dies ends the others with an error naming it. Tiny runs (tiny-pixel, the drift on raw samples, a narrow T/2)."""
-import json, os, signal, socket, subprocess, sys, time
+import json, os, shutil, signal, socket, subprocess, sys, time
 from pathlib import Path
 import pytest
 import torch
@@ -82,9 +82,10 @@ def test_a_signal_stops_after_the_step_and_the_resume_equals_an_uninterrupted_ru
 
 # 2. two processes, as the README's SLURM script runs them: the launcher ignores the signal, every process gets it
 
-@LINUX
-def test_two_processes_signalled_between_checkpoints_save_that_step_and_resume_on_one(folder, tmp_path):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def stopped_two(folder, tmp_path_factory):
+    "A two-process run signalled between checkpoints: (run folder, the step it stopped after, its log, seconds to exit)."
+    out = tmp_path_factory.mktemp("two") / "run"
     p = _launch(_cli(folder, out, "--Nc", 2, "--max-steps", 5000, "--ckpt-every", 1000, "--log-every", 1))
     try:
         _wait_for(lambda: len(_losses(out)) >= 2 or p.poll() is not None, 120, "two logged steps")
@@ -99,21 +100,38 @@ def test_two_processes_signalled_between_checkpoints_save_that_step_and_resume_o
         if p.poll() is None: p.kill()
     print(f"two processes: exit status {p.returncode} {took:.2f} s after SIGUSR1")
     assert p.returncode == PREEMPTED_EXIT == 0, log[-3000:]
+    return out, read_stop_marker(out)["step"], log, took
+
+@LINUX
+def test_two_processes_signalled_between_checkpoints_save_that_step_and_resume_on_one(stopped_two, folder, tmp_path):
+    run, step, log, took = stopped_two
     assert took < 60
-    marker = read_stop_marker(out)
-    step = marker["step"]
+    marker = read_stop_marker(run)
     assert 2 <= step < 1000 and marker["signal"] == "SIGUSR1", marker
-    assert [c.name for c in list_checkpoints(out)] == [f"step_{step:08d}"]
-    meta = verify_checkpoint(list_checkpoints(out)[0])
-    assert meta["num_processes"] == 2 and sorted(_losses(out)) == list(range(1, step + 1))
+    assert [c.name for c in list_checkpoints(run)] == [f"step_{step:08d}"]
+    meta = verify_checkpoint(list_checkpoints(run)[0])
+    assert meta["num_processes"] == 2 and sorted(_losses(run)) == list(range(1, step + 1))
     assert "stopping on SIGUSR1" in log, log[-2000:]
-    # 2 -> 1: the same run continues on one process
+    out = tmp_path / "run"; shutil.copytree(run, out)                   # 2 -> 1: the run continues on one process
     train(_cfg(folder, out, Nc=2, max_steps=step + 2, ckpt_every=1000, log_every=1), resume=True)
     last = list_checkpoints(out)[-1]
     assert last.name == f"step_{step + 2:08d}" and verify_checkpoint(last)["num_processes"] == 1
     assert sorted(_losses(out)) == list(range(1, step + 3))
     assert _adam_steps(last) == {float(step + 2)}                          # the optimizer continued, not restarted
     assert read_stop_marker(out) is None
+
+@LINUX
+def test_two_processes_resumed_after_a_signal_equal_an_uninterrupted_run(stopped_two, folder, tmp_path):
+    run, step, _, _ = stopped_two
+    out, ref, end = tmp_path / "run", tmp_path / "ref", step + 2
+    shutil.copytree(run, out)
+    for args in (_cli(folder, ref, "--Nc", 2, "--max-steps", end, "--ckpt-every", 1000, "--log-every", 1),
+                 _cli(folder, out, "--Nc", 2, "--max-steps", end, "--ckpt-every", 1000, "--log-every", 1, "--resume")):
+        p = _launch(args); log = p.communicate(timeout=300)[0]
+        assert p.returncode == 0, log[-3000:]
+    a, b = _losses(ref), _losses(out)
+    assert sorted(b) == list(range(1, end + 1))
+    for s in range(step + 1, end + 1): assert a[s] == b[s], (s, a[s], b[s])   # bit-exact
 
 # 3. 1 -> 2
 
@@ -167,7 +185,7 @@ def test_a_signal_during_in_run_mae_pretraining_saves_the_mae_and_ends_cleanly(f
     from drifting_nb.train_mae import make_config, train_mae
     out = tmp_path / "run"
     base = get_config("tiny-pixel")
-    over = {**base.mae_overrides, "steps": 100_000, "save_every": 100_000}
+    over = {**base.mae_overrides, "steps": 100_000, "save_every": 100_000, "log_every": 1}
     cmd = [sys.executable, "-m", "drifting_nb.train", "--preset", "tiny-pixel", "--data-dir", str(folder),
            "--output-dir", str(out), "--sample-every", "0", "--mae-overrides", repr(over)]
     p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

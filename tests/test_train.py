@@ -55,7 +55,9 @@ def test_two_processes(encoder, folder, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     ck = list_checkpoints(out)[-1]
-    assert (ck / "rank_0.safetensors").is_file() and (ck / "rank_1.safetensors").is_file()   # each process keeps its own queue
+    from drifting_nb.runtime import load_state
+    shards = [load_state(ck / f"rank_{r}.safetensors")["queue"]["classes"].tolist() for r in (0, 1)]
+    assert shards == [[0, 2], [1]]                                     # each process keeps the FIFOs of its own classes
     assert json.loads((ck / "meta.json").read_text())["num_processes"] == 2
     assert _rows(out)[-1]["effective_batch"] == 2 * 4
 
@@ -321,3 +323,21 @@ def test_a_second_precision_in_one_process_is_refused_clearly(encoder, folder, t
     assert not (tmp_path / "run" / "config.json").exists() and not list_checkpoints(tmp_path / "run")
     train(get_config("tiny-pixel", data_dir=str(folder), output_dir=str(tmp_path / "run"), encoder_path=encoder,
                      mixed_precision="no", max_steps=2, ckpt_every=2, sample_every=0))   # the process's precision still runs
+
+def test_checkpoints_without_the_queue_refill_it_on_resume(encoder, folder, tmp_path, capsys):
+    """queue_in_checkpoint=False (the ImageNet presets, as the release): the checkpoint holds no sample queue, a resume
+    refills it from the data and says so; weights, optimizer and step continue."""
+    from drifting_nb.runtime import load_state
+    kw = dict(encoder_path=encoder, data_dir=str(folder), output_dir=str(tmp_path / "run"), sample_every=0,
+              ckpt_every=3, queue_in_checkpoint=False)
+    train(get_config("tiny-pixel", max_steps=3, **kw))
+    ck = list_checkpoints(tmp_path / "run")[-1]
+    assert "queue" not in load_state(ck / "rank_0.safetensors")
+    with_queue = tmp_path / "with"
+    train(get_config("tiny-pixel", **{**kw, "output_dir": str(with_queue), "queue_in_checkpoint": True}, max_steps=3))
+    rank_file = lambda d: (list_checkpoints(d)[-1] / "rank_0.safetensors").stat().st_size
+    assert rank_file(tmp_path / "run") < rank_file(with_queue) / 2
+    capsys.readouterr()
+    train(get_config("tiny-pixel", max_steps=5, **kw), resume=True)
+    assert "refilled" in capsys.readouterr().out
+    assert [r["step"] for r in _rows(tmp_path / "run")] == [1, 2, 3, 4, 5]

@@ -10,10 +10,11 @@ own functions, what that gives, next to the float32 RoPE of the other configs. R
 PATH_TO_RELEASE is a checkout of github.com/lambertae/drifting (outside this repository; nothing of it is copied).
 Written (all arrays float32; bfloat16 values are exact in float32):
 
-- `rope_bf16.npz`: the RoPE tables cos/sin [272, hd/2] (hd = 16 and 64; rotate-half repeats them) of the release's `apply_rope` at float32 and
-  bfloat16, read off by rotating unit vectors; and one attention layer (random perturbed weights, 16 + 256 tokens) of
-  the release's `Attention` in three precisions (`f32`: dtype float32; `bf16_ropef32`: dtype bfloat16, attn_fp32;
-  `bf16_ropebf16`: dtype bfloat16, attn_fp32 false): its q/k after QK-norm (before RoPE), after RoPE, and the output.
+- `rope_bf16.npz`: the RoPE tables cos/sin [272, hd/2] (hd = 16 and 64; rotate-half repeats them) of the release's
+  `apply_rope` at float32 and bfloat16, read off by rotating unit vectors; and one attention layer (random perturbed
+  weights, 16 + 256 tokens) of the release's `Attention` in three precisions (`f32`: dtype float32; `bf16_ropef32`:
+  dtype bfloat16, attn_fp32; `bf16_ropebf16`: dtype bfloat16, attn_fp32 false): its q/k after QK-norm (before RoPE),
+  after RoPE, and the output.
 - `gen_bf16/`: a tiny generator in the hub's layout (`metadata.json` with `use_bf16: true, attn_fp32: false`,
   `ema_params.msgpack`) and `io.npz`: inputs and the release's outputs at that setting (`out`), at `attn_fp32: true`
   (`out_ropef32`, bf16 model with float32 RoPE and attention) and in float32 (`out_f32`).
@@ -85,7 +86,8 @@ def main(release: str, out: str):
     fwd = lambda m, x, c, s, nl: m.generate_image(x, m.c_cfg_noise_to_cond(c, s, nl))   # x is cast to bf16 by the patch embedding
     gp = perturb(model.init(jax.random.PRNGKey(1), xg, c, cfg_scale, noise_labels, method=fwd)["params"], rng)
     run = lambda cfg: f32(build_generator_from_config(cfg).apply({"params": gp}, xg, c, cfg_scale, noise_labels, method=fwd))
-    res = dict(out=run(GEN), out_ropef32=run({**GEN, "attn_fp32": True}), out_f32=run({**GEN, "use_bf16": False, "attn_fp32": True}))
+    res = dict(out=run(GEN), out_ropef32=run({**GEN, "attn_fp32": True}),
+               out_f32=run({**GEN, "use_bf16": False, "attn_fp32": True}))
     write_artifact(out / "gen_bf16", GEN, gp)
     np.savez_compressed(out / "gen_bf16" / "io.npz", x=xg, c=c, cfg_scale=cfg_scale, noise_labels=noise_labels, **res)
     scale = np.abs(res["out_f32"]).max()
