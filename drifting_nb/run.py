@@ -266,12 +266,16 @@ class Run:
         self.num_classes = config["num_classes"]
 
     @torch.no_grad()
-    def sample(self, labels, alpha: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
-        "uint8 images [n,H,W,C] for labels [n] at CFG scale alpha (1 NFE)."
+    def sample(self, labels, alpha: float = 1.0, generator: torch.Generator | None = None,
+               rounding: str = "round") -> torch.Tensor:
+        """uint8 images [n,H,W,C] for labels [n] at CFG scale alpha (1 NFE). rounding: "round" (saved images) or
+        "truncate" (the release's FID path: (x * 255).clip(0, 255) cast to uint8)."""
         from drifting_nb.generator import generate
+        if rounding not in ("round", "truncate"): raise ValueError(f"rounding must be 'round' or 'truncate', got {rounding!r}")
         dev = next(self.model.parameters()).device
         x = generate(self.model, torch.as_tensor(labels, device=dev), alpha, generator=generator)
-        return (self._decode(x) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+        x = self._decode(x).float().clamp(0, 1) * 255
+        return (x.round() if rounding == "round" else x.floor()).to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 def load_run(run_dir, ema: bool = True, device="cpu", decay=None) -> Run:
     "The generator of a run folder: EMA weights (`decay`, default the first) or the latest checkpoint's model."

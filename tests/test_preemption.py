@@ -209,3 +209,25 @@ def test_a_signal_during_in_run_mae_pretraining_saves_the_mae_and_ends_cleanly(f
                     resume=True, progress=False)                            # --resume continues the MAE
     assert res["step"] == mae["step"] + 2 and (out / "encoder" / "encoder.safetensors").is_file()
     assert read_stop_marker(out / "encoder") is None
+
+# 6. a hung process: the collective timeout the job sets ends the wait
+
+def test_a_hung_process_ends_the_wait_after_the_collective_timeout(tmp_path):
+    probe = ("import sys, time, torch, torch.distributed as dist\n"
+             "from drifting_nb.runtime import set_collective_timeout\n"
+             "dist.init_process_group('gloo'); set_collective_timeout(3)\n"
+             "if dist.get_rank() == 1: time.sleep(30); sys.exit(0)\n"
+             "t0 = time.time()\n"
+             "try: dist.all_reduce(torch.ones(1))\n"
+             "except RuntimeError as e: print(f'gave up after {time.time() - t0:.1f} s: {e}'); sys.exit(1)\n")
+    port = str(_free_port())
+    ps = [subprocess.Popen([sys.executable, "-c", probe], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env={**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(r), "WORLD_SIZE": "2"})
+          for r in (0, 1)]
+    try:
+        log = ps[0].communicate(timeout=60)[0]
+    finally:
+        for p in ps: p.kill(); p.wait()
+    print(log.strip()[:200])
+    took = float(log.split("gave up after ")[1].split(" s")[0])
+    assert ps[0].returncode == 1 and 2.5 < took < 10 and "Timed out" in log, log
