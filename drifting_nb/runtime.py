@@ -353,7 +353,7 @@ class PeerWatch:
     def __init__(self, stale_s: float = 30.0, beat_s: float = 1.0, exit_grace_s: float = 10.0, exit_code: int = 1):
         self.stale_s, self.beat_s, self.exit_grace_s, self.exit_code = stale_s, beat_s, exit_grace_s, exit_code
         self.store, self.rank, self.world, self._thread = None, 0, 1, None
-        self._done, self._seen, self._who, self.found = threading.Event(), {}, {}, []
+        self._done, self._seen, self._who, self.found, self._step = threading.Event(), {}, {}, [], None
 
     def _key(self, kind, rank=None): return f"{self.PREFIX}{kind}/{self.rank if rank is None else rank}"
 
@@ -413,15 +413,40 @@ class PeerWatch:
             if found or time.monotonic() - t0 >= timeout or self.store is None: return found
             time.sleep(min(self.beat_s, 0.5))
 
+    def progress(self, step: int):
+        "Say that this process has reached `step` (call it before the step's first collective); see `behind`."
+        self._step = step
+        if self.store is not None:
+            try: self.store.set(self._key("step"), str(step))
+            except Exception: pass
+
+    def behind(self) -> list[str]:
+        """The processes that have not reached this one's step (`progress`): after a collective timeout, the ones
+        that hang outside the collective (a stuck data loader, a deadlock) or are that much slower."""
+        if self.store is None or self._step is None: return []
+        out = []
+        try:
+            for r in range(self.world):
+                if r == self.rank: continue
+                k = self._key("step", r)
+                theirs = int(self.store.get(k)) if self.store.check([k]) else None
+                if theirs is None or theirs < self._step:
+                    who = self._who.get(r) or (json.loads(self.store.get(self._key("who", r))) if self.store.check([self._key("who", r)]) else {})
+                    out.append(f"rank {r}" + (f" (PID {who['pid']} on {who['host']})" if who else "") +
+                               f" has not reached step {self._step} (it started step {theirs}): it hangs, or is that slow")
+        except Exception: return []
+        return out
+
     def explain(self, err: BaseException, context: str = "") -> RuntimeError | None:
         """A RuntimeError naming the lost processes when `err` is a collective that failed because a peer is gone
-        (gloo: the connection closed; any backend: the timeout); None when no peer is lost (the error is this
-        process's own). `context` is appended (e.g. the last checkpoint)."""
+        (gloo: the connection closed; any backend: the timeout) or, after a timeout, the ones that are `behind`; None
+        when no peer is named (the error is this process's own). `context` is appended (e.g. the last checkpoint)."""
         if self.store is None or not isinstance(err, RuntimeError): return None
         text = str(err).lower()
         if not any(w in text for w in ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket", "store")):
             return None
-        found = self.wait_lost(self.stale_s + 2 * self.beat_s)
+        timed_out = "timed out" in text or "timeout" in text          # a dead peer is stale by then
+        found = (self.lost() or self.behind()) if timed_out else self.wait_lost(self.stale_s + 2 * self.beat_s)
         if not found: return None
         return RuntimeError(f"process {self.rank} of {self.world}: " + "; ".join(found) + context +
                             f" (the collective failed with {type(err).__name__}: {str(err)[:200]})")

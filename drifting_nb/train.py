@@ -488,8 +488,8 @@ def train(cfg: TrainConfig, resume: bool = False, fault_hook=None, grad_hook=Non
     with cpu_threads(cfg.cpu_threads), StopSignal(cfg.stop_signals) as stop, \
             PeerWatch(stale_s=min(60.0, cfg.collective_timeout_s)) as peers:
         try:
-            if not main: return _train(cfg, resume, fault_hook, grad_hook, stop)
-            with RunLock(cfg.output_dir): return _train(cfg, resume, fault_hook, grad_hook, stop)
+            if not main: return _train(cfg, resume, fault_hook, grad_hook, stop, peers)
+            with RunLock(cfg.output_dir): return _train(cfg, resume, fault_hook, grad_hook, stop, peers)
         except RuntimeError as e:                                    # a collective failed: name who is gone
             last = list_checkpoints(cfg.output_dir)
             lost = peers.explain(e, f". The last checkpoint is {last[-1] if last else '(none yet)'}; --resume continues "
@@ -497,7 +497,8 @@ def train(cfg: TrainConfig, resume: bool = False, fault_hook=None, grad_hook=Non
             if lost is None: raise
             raise lost from e
 
-def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None, grad_hook=None, stop: StopSignal | None = None) -> dict:
+def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None, grad_hook=None, stop: StopSignal | None = None,
+           peers: PeerWatch | None = None) -> dict:
     out = Path(cfg.output_dir)
     if process_state().is_main_process and list_checkpoints(out) and not resume:
         raise FileExistsError(f"{out} already holds checkpoints (latest {list_checkpoints(out)[-1].name}): pass --resume "
@@ -529,13 +530,15 @@ def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None, grad_hook=No
     vae = load_vae(cfg)
     decode = make_decode(cfg, vae)
     pretrain_encoder(cfg, accelerator, stop)                         # small presets: the MAE of notebook 04, first
-    if stop is not None and stop.agreed(accelerator):                # a stop signal during the pretraining: its child saved
+    if stop is not None and stop.agreed(accelerator):                # a stop signal during the start (the MAE child saved)
         if main:
+            during = "the MAE pretraining" if read_stop_marker(encoder_dir(cfg)) else "the start-up"
             write_stop_marker(out, signal=stop.received or "another process's", step=found[1]["step"] if found else 0,
-                              checkpoint=str(found[0]) if found else None, during="MAE pretraining",
+                              checkpoint=str(found[0]) if found else None, during=during,
                               time=time.strftime("%Y-%m-%d %H:%M:%S"))
-            print(f"stopping on {stop.received or 'a signal to another process'} during the MAE pretraining (its "
-                  f"checkpoint is in {encoder_dir(cfg)}); exit status 0; --resume continues", flush=True)
+            print(f"stopping on {stop.received or 'a signal to another process'} during {during}"
+                  + (f" (its checkpoint is in {encoder_dir(cfg)})" if during.endswith("pretraining") else "")
+                  + "; exit status 0; --resume continues", flush=True)
         accelerator.end_training()
         return dict(stopped=stop.received or "peer", step=found[1]["step"] if found else 0)
     phi = build_phi(cfg, device, vae)
@@ -617,6 +620,7 @@ def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None, grad_hook=No
         queue.push(x_real, y_real, to_unc=unc_loader is None)
         if unc_loader is not None: queue.push(*next(unc_loader), to_pos=False)
         labels, alpha, pos, unc, w, noise, style = draw_step(cfg, m_local, queue, gen, gen_dev, model, device, own)
+        if peers is not None: peers.progress(step + 1)              # before the step's first collective: who hangs
 
         def micro_loss(sl: slice, stats=None):
             "The loss of the step's classes `sl` (a micro-batch); with `stats`, its part of the whole step's."

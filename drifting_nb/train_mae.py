@@ -13,7 +13,7 @@ from torch.utils.data import Dataset, TensorDataset
 from .features import build_encoder, save_encoder, load_encoder
 from .runtime import (cpu_threads, process_state, RunLock, watch_parent, save_state, load_state,
                                  rng_state, set_rng_state, warmup_lr, job_accelerator, StopSignal,
-                                 STOP_SIGNALS, COLLECTIVE_TIMEOUT_S, write_stop_marker, clear_stop_marker)
+                                 STOP_SIGNALS, COLLECTIVE_TIMEOUT_S, write_stop_marker, clear_stop_marker, PeerWatch)
 from .mae import MAE, CropDataset, mae_loss, random_patch_mask, cls_lambda
 
 # %% auto #0
@@ -168,10 +168,16 @@ def train_mae(cfg: MAEConfig, output_dir, data_dir=None, max_steps: int | None =
     the lock of `output_dir` (`RunLock`): a second process on the same folder is refused, naming the first.
     On a signal of cfg.stop_signals every process finishes its update, the run checkpoints it, writes
     `preempted.json` and returns early with "stopped" (the signal's name) in the result: `--resume` continues it."""
-    with cpu_threads(cfg.cpu_threads), StopSignal(cfg.stop_signals) as stop:
-        if not process_state().is_main_process:
-            return _train_mae(cfg, output_dir, data_dir, max_steps, seed, resume, preset, progress, stop)
-        with RunLock(output_dir): return _train_mae(cfg, output_dir, data_dir, max_steps, seed, resume, preset, progress, stop)
+    main = process_state().is_main_process                           # sets the process group up: the watch needs it
+    with cpu_threads(cfg.cpu_threads), StopSignal(cfg.stop_signals) as stop, \
+            PeerWatch(stale_s=min(60.0, cfg.collective_timeout_s)) as peers:
+        try:
+            if not main: return _train_mae(cfg, output_dir, data_dir, max_steps, seed, resume, preset, progress, stop)
+            with RunLock(output_dir): return _train_mae(cfg, output_dir, data_dir, max_steps, seed, resume, preset, progress, stop)
+        except RuntimeError as e:                                    # a collective failed: name who is gone
+            lost = peers.explain(e, "; --resume continues from the last checkpoint")
+            if lost is None: raise
+            raise lost from e
 
 def _train_mae(cfg: MAEConfig, output_dir, data_dir=None, max_steps: int | None = None, seed: int = 0,
                resume: bool = False, preset: str = "", progress: bool = True, stop: StopSignal | None = None) -> dict:
