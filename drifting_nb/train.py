@@ -466,17 +466,27 @@ def save_sample_grid(model, cfg, decode, path: Path, alpha: float, device, n_per
 def plan_step(cfg: TrainConfig, accelerator) -> tuple[int, bool, str]:
     """The run's grad_accum and remat: as `cfg` gives them, or the smallest the plan (`drifting_nb.plan`, notebook 09a)
     finds to fit this device and node; a run the plan says cannot fit is refused here, before anything is written, with
-    what to change. Returns (grad_accum, remat, the plan's one-line summary)."""
-    try: from drifting_nb import plan as P
-    except ImportError: P = None                                    # TRANSITIONAL until notebook 09a lands
-    if P is None:
-        return max(1, cfg.grad_accum), cfg.remat == "on", ""
-    world = accelerator.num_processes
+    what to change. Returns (grad_accum, remat, the plan's one-line summary). The main process alone measures (the
+    ImageNet encoders are large to build); the others wait in short collectives (`wait_on_main`) and receive its plan."""
+    import threading
+    from drifting_nb import plan as P
+    world, main, dev = accelerator.num_processes, accelerator.is_main_process, accelerator.device
     nodes = max(1, world // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-    dev = accelerator.device
     gpu = cfg.gpu_memory or (torch.cuda.get_device_properties(dev).total_memory / 2 ** 30 if dev.type == "cuda" else None)
-    p = P.plan_run(cfg, processes=world, nodes=nodes, gpu_memory=gpu, host_memory=cfg.host_memory or None)
-    P.check_plan(p)
+    box = {}
+    def work():
+        try: box["plan"] = P._jsonable(P.plan_run(cfg, processes=world, nodes=nodes, gpu_memory=gpu,
+                                                   host_memory=cfg.host_memory or None))
+        except Exception as e: box["error"] = f"{type(e).__name__}: {e}"
+    if world == 1: work()
+    else:
+        if main: th = threading.Thread(target=work, daemon=True); th.start()
+        wait_on_main(accelerator, (lambda: None if th.is_alive() else 0) if main else None)
+        from accelerate.utils import broadcast_object_list
+        msg = [json.dumps(box) if main else ""]
+        box = json.loads(broadcast_object_list(msg, from_process=0)[0])
+    if "error" in box: raise ValueError(f"the run's plan failed: {box['error']}")
+    p = P.check_plan(box["plan"])
     return int(p["grad_accum"]), p["remat"] in (True, "on"), P.plan_line(p)
 
 def train(cfg: TrainConfig, resume: bool = False, fault_hook=None, grad_hook=None) -> dict:

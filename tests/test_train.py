@@ -332,11 +332,8 @@ def test_checkpoints_without_the_queue_refill_it_on_resume(encoder, folder, tmp_
               ckpt_every=3, queue_in_checkpoint=False)
     train(get_config("tiny-pixel", max_steps=3, **kw))
     ck = list_checkpoints(tmp_path / "run")[-1]
-    assert "queue" not in load_state(ck / "rank_0.safetensors")
-    with_queue = tmp_path / "with"
-    train(get_config("tiny-pixel", **{**kw, "output_dir": str(with_queue), "queue_in_checkpoint": True}, max_steps=3))
-    rank_file = lambda d: (list_checkpoints(d)[-1] / "rank_0.safetensors").stat().st_size
-    assert rank_file(tmp_path / "run") < rank_file(with_queue) / 2
+    state = load_state(ck / "rank_0.safetensors")
+    assert "queue" not in state and "loader" in state              # the data order continues; the queue is refilled
     capsys.readouterr()
     train(get_config("tiny-pixel", max_steps=5, **kw), resume=True)
     assert "refilled" in capsys.readouterr().out
