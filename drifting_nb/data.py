@@ -5,11 +5,11 @@
 # %% auto #0
 __all__ = ['make_fake_imagefolder', 'ADMCenterCrop', 'adm_transform', 'rrc_transform', 'to_uint8', 'read_class_list',
            'SafeImageFolder', 'resolve_split', 'image_folder', 'SDVAE', 'tiny_vae', 'SampleQueue', 'fill_queue',
-           'shard_classes', 'dataset_labels', 'class_subset', 'InfiniteLoader', 'DigitsSplit', 'digits_split',
-           'cifar10']
+           'shard_classes', 'dataset_labels', 'class_subset', 'queue_push_per_process', 'unc_push_per_process',
+           'InfiniteLoader', 'DigitsSplit', 'digits_split', 'cifar10']
 
 # %% ../nbs/06_data.ipynb #6fb5363a
-import os, warnings
+import math, os, warnings
 from pathlib import Path
 from typing import NamedTuple, Iterator
 
@@ -377,6 +377,17 @@ def class_subset(dataset, classes) -> torch.utils.data.Subset:
     "The items of `dataset` whose label is in `classes` (a process's shard), in data set order."
     keep = torch.isin(dataset_labels(dataset), torch.as_tensor(classes).long())
     return torch.utils.data.Subset(dataset, keep.nonzero().flatten().tolist())
+
+# %% ../nbs/06_data.ipynb #f1465291
+def queue_push_per_process(cfg, num_processes:int) -> int:
+    """Real samples each process pushes into its class FIFOs per step: `cfg.queue_push`, or `cfg.queue_push_global`
+    split over the processes (the release pushed 64-128 per host on 16-32 hosts: 1 GPU pushes them all, 8 an eighth)."""
+    if getattr(cfg, "queue_push_global", 0) > 0: return max(1, math.ceil(cfg.queue_push_global / num_processes))
+    return cfg.queue_push
+
+def unc_push_per_process(push:int, sharded:bool) -> int:
+    "Samples of any class a sharded process pushes into its global FIFO per step (a quarter of `push`); 0 unsharded."
+    return max(1, math.ceil(push / 4)) if sharded else 0
 
 # %% ../nbs/06_data.ipynb #6d30b78c
 class InfiniteLoader:

@@ -17,6 +17,7 @@ from torch.utils.flop_counter import flop_registry
 from .run import sample_shape, build_model
 from . import features as Fx
 from .drift import CHUNK_ELEMS
+from .data import queue_push_per_process, unc_push_per_process
 
 GiB, GB = 2 ** 30, 1e9
 
@@ -24,8 +25,8 @@ GiB, GB = 2 ** 30, 1e9
 __all__ = ['GiB', 'GB', 'GPUS', 'RELEASED_MAE_ARCH', 'CONVNEXTV2_BASE', 'SD_VAE', 'gpu_peak', 'storage_bytes', 'SavedBytes',
            'LiveBytes', 'encoder_arch', 'build_encoder_like', 'build_vae_like', 'build_phi_like', 'measure_generator',
            'vars_of', 'measure_phi', 'measure_vae_decode', 'affine', 'at', 'trace_peak', 'drift_plan', 'decode_rate',
-           'worker_rss', 'measure_parts', 'queue_push_per_process', 'host_plan', 'checkpoint_plan', 'plan_run',
-           'plan_line', 'check_plan', 'plan_table', 'main', 'micro_step']
+           'worker_rss', 'measure_parts', 'host_plan', 'checkpoint_plan', 'plan_run', 'plan_line', 'check_plan',
+           'plan_table', 'main', 'micro_step']
 
 # %% ../nbs/09a_plan.ipynb #03b1c79c
 # dense (no sparsity) bf16 tensor-core peak per GPU and its memory, from NVIDIA's datasheets (H100 SXM5, H200 SXM,
@@ -445,11 +446,6 @@ def _queue_plan(cfg, processes: int, nodes: int) -> dict:
     return dict(item=item, classes=classes, unc=unc, per_process=max(per_proc), per_node=sum(per_proc[:per_node]),
                 all=sum(per_proc), sharded=sharded)
 
-def queue_push_per_process(cfg, processes: int) -> int:
-    "train.queue_push_per_process: `queue_push`, or `queue_push_global` split over the processes."
-    if getattr(cfg, "queue_push_global", 0) > 0: return max(1, math.ceil(cfg.queue_push_global / processes))
-    return cfg.queue_push
-
 def host_plan(cfg, processes: int = 1, nodes: int = 1, prefetch_factor: int = 2):
     """Host bytes per process and per node {queues, loader_buffers, loader_workers, total}: the sharded queue
     (`_queue_plan`), the loaders' batches in flight ((num_workers x prefetch_factor + 1) batches of float32 samples, a
@@ -457,7 +453,7 @@ def host_plan(cfg, processes: int = 1, nodes: int = 1, prefetch_factor: int = 2)
     per_node = processes // nodes
     q = _queue_plan(cfg, processes, nodes)
     push = queue_push_per_process(cfg, processes)
-    unc_push = max(1, math.ceil(push / 4)) if q["sharded"] else 0
+    unc_push = unc_push_per_process(push, q["sharded"])
     workers = getattr(cfg, "num_workers", 0)
     sample = math.prod(sample_shape(cfg)) * 4                # a loaded sample: float32
     batches = workers * prefetch_factor + 1

@@ -14,6 +14,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from .drift import alpha_to_weight, sample_alpha
+from .data import queue_push_per_process, unc_push_per_process
 from .generator import unwrap_model
 from .runtime import (cpu_threads, process_state, RunLock, run_child, warmup_lr, LR_SCHEDULES, job_accelerator,
                       StopSignal, STOP_SIGNALS, COLLECTIVE_TIMEOUT_S, PeerWatch, start_child, wait_on_main,
@@ -26,8 +27,8 @@ from .run import (resume_seed, continue_loader, sample_shape, load_vae, make_dec
 __all__ = ['RELEASE_CFG_LIST', 'PRESETS', 'REAL_FEATURE_TABLE_MAX', 'TrainConfig', 'check_config', 'toy_presets',
            'all_preset_names', 'get_config', 'parse_args', 'resolve_config', 'build_dataset', 'load_feature_encoder',
            'encoder_dir', 'pretrain_encoder', 'real_feature_table', 'build_phi', 'draw_step', 'lr_lambda',
-           'save_sample_grid', 'plan_step', 'train', 'score_line', 'queue_push_per_process', 'continue_data',
-           'fid_scores', 'evaluate_during_training', 'evaluate_run_model', 'main']
+           'save_sample_grid', 'plan_step', 'train', 'score_line', 'continue_data', 'fid_scores',
+           'evaluate_during_training', 'evaluate_run_model', 'main']
 
 # %% ../nbs/07_train.ipynb #a630482d
 @dataclass
@@ -572,7 +573,7 @@ def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None, grad_hook=No
     push = queue_push_per_process(cfg, world)
     if shard:
         loader = InfiniteLoader(class_subset(dataset, own), push, seed=cfg.seed * 1000 + rank, num_workers=cfg.num_workers)
-        unc_loader = InfiniteLoader(dataset, max(1, math.ceil(push / 4)), seed=cfg.seed + 1, rank=rank, world_size=world,
+        unc_loader = InfiniteLoader(dataset, unc_push_per_process(push, shard), seed=cfg.seed + 1, rank=rank, world_size=world,
                                     num_workers=min(cfg.num_workers, 2))
     else:
         loader = InfiniteLoader(dataset, push, seed=cfg.seed, rank=rank, world_size=world, num_workers=cfg.num_workers)
@@ -734,12 +735,6 @@ def _flat_scores(scores: dict) -> dict:
     for a, s in (scores.get("sweep") or {}).items():
         flat.update({f"eval/{k}@alpha={a}": v for k, v in s.items() if isinstance(v, (int, float)) and k != "alpha"})
     return flat
-
-def queue_push_per_process(cfg: TrainConfig, num_processes: int) -> int:
-    """Real samples each process pushes into its queues per step: `queue_push`, or `queue_push_global` split over the
-    processes (the release pushed 64-128 per host on 16-32 hosts: 1 GPU pushes them all, 8 GPUs an eighth each)."""
-    if cfg.queue_push_global > 0: return max(1, math.ceil(cfg.queue_push_global / num_processes))
-    return cfg.queue_push
 
 def continue_data(cfg: TrainConfig, rs: dict, loader, unc_loader):
     """Resume on another process count (`rs`: process 0's state from `run.load_checkpoint`, resharded): the loaders
