@@ -338,3 +338,11 @@ def test_checkpoints_without_the_queue_refill_it_on_resume(encoder, folder, tmp_
     train(get_config("tiny-pixel", max_steps=5, **kw), resume=True)
     assert "refilled" in capsys.readouterr().out
     assert [r["step"] for r in _rows(tmp_path / "run")] == [1, 2, 3, 4, 5]
+
+def test_a_run_that_cannot_fit_is_refused_before_anything_is_written(encoder, folder, tmp_path):
+    "train asks the plan first: a GPU far too small for the step is refused with what to change, and no folder is made."
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="does not fit.*--gpu-memory") as e:
+        train(get_config("tiny-pixel", encoder_path=encoder, data_dir=str(folder), output_dir=str(out), gpu_memory=0.01))
+    assert not out.exists(), "a refused run wrote to its output folder"
+    print(e.value)
