@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 FIGURE_NOTEBOOKS = ("00_drift.ipynb", "01_toy.ipynb", "02_interactive.ipynb")
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
-DIRECTIVE = re.compile(r"^\s*#\s*\|\s*([\w-]+):?\s*(.*)$", re.M)
+DIRECTIVE = re.compile(r"^[ \t]*#[ \t]*\|[ \t]*([\w-]+):?[ \t]*(.*)$", re.M)
 
 
 def _directives(source: str) -> dict:
