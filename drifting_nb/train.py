@@ -27,7 +27,7 @@ from .run import (resume_seed, continue_loader, sample_shape, load_vae, make_dec
 __all__ = ['RELEASE_CFG_LIST', 'PRESETS', 'REAL_FEATURE_TABLE_MAX', 'TrainConfig', 'check_config', 'toy_presets',
            'all_preset_names', 'get_config', 'parse_args', 'resolve_config', 'build_dataset', 'load_feature_encoder',
            'encoder_dir', 'pretrain_encoder', 'real_feature_table', 'build_phi', 'draw_step', 'lr_lambda',
-           'save_sample_grid', 'plan_step', 'train', 'score_line', 'continue_data', 'fid_scores',
+           'save_sample_grid', 'save_beside_real', 'plan_step', 'train', 'score_line', 'continue_data', 'fid_scores',
            'evaluate_during_training', 'evaluate_run_model', 'main']
 
 # %% ../nbs/07_train.ipynb #a630482d
@@ -104,6 +104,8 @@ class TrainConfig:
     fid_extractor: str = "inception-v3-compat"   # torch-fidelity feature extractor for FID/IS
     fid_weights: str = ""              # local weights file of the extractor (default: torch-fidelity downloads them)
     eval_batch_size: int = 250         # samples per network call while evaluating
+    record_every: int = 0              # > 0: record the raw generator's samples for fixed noise every N steps (notebook 07b)
+    record_per_class: int = 20         # ... this many per class (first 10 classes), with their 2D projection beside the data's
     seed: int = 0
     cpu_threads: int = 0               # torch threads per process on CPU; 0: the machine's cores over its processes
     # a shared cluster (notebook 06a): stop on a notice, do not wait for a lost process
@@ -131,7 +133,7 @@ _RULES = {**{k: _whole(1) for k in ("Nc", "Npos", "Nneg", "max_steps", "log_ever
           "remat": _choice("auto", "on", "off"),
           "gpu_memory": _number(lambda v: v >= 0, "a size in GiB >= 0 (0: the device's own)"),
           "host_memory": _number(lambda v: v >= 0, "a size in GiB >= 0 (0: not checked)"),
-          "eval_batch_size": _whole(1),
+          "eval_batch_size": _whole(1), "record_every": _whole(0), "record_per_class": _whole(1),
           "collective_timeout_s": _number(lambda v: v > 0, "a finite number of seconds > 0"), "augment": _choice("center", "center-flip", "rrc"),
           "lr": _number(lambda v: v > 0, "a finite number > 0"),
           "weight_decay": _number(lambda v: v >= 0, "a finite number >= 0"),
@@ -207,7 +209,8 @@ PRESETS: dict[str, dict] = {
                    min_affinity=1e-6,   # not the release's 1e-3: on small problems it pulls to the class mean (notebook 08)
                    taus=(0.02, 0.05, 0.1),   # not the release's 0.2: the broad kernel halves within-class spread here
                    warmup_steps=100, max_steps=700, sample_every=200, ckpt_every=200, log_every=10,
-                   ema_decays=(0.99, 0.995), eval_every=200, eval_samples=1000),
+                   ema_decays=(0.99, 0.995), eval_every=200, eval_samples=1000,
+                   record_every=20),     # drift_record.safetensors and drift.html (notebook 07b): 36 frames
     # tiny presets for tests: a generated ImageFolder, in pixel and latent space
     "tiny-pixel": dict(dataset="imagefolder", image_size=16, channels=3, num_classes=3, generator="T/2",
                        mae_preset="tiny", mae_overrides=dict(dataset="imagefolder", in_channels=3, image_size=16,
@@ -464,6 +467,24 @@ def save_sample_grid(model, cfg, decode, path: Path, alpha: float, device, n_per
     save_image(decode(x), str(path), nrow=n_per_class, padding=1)
     return path
 
+@torch.no_grad()
+def save_beside_real(model, cfg, decode, path: Path, alpha: float, device, real_x, real_y, n: int = 8, seed: int = 0):
+    """Per class (the first 10) a row of `n` generated samples (1 NFE each, at `alpha`), a blank, and `n` real ones:
+    real_x [m,*S] in the generator's space with labels real_y [m]."""
+    from torchvision.utils import save_image
+    from drifting_nb.generator import generate
+    k = min(cfg.num_classes, 10)
+    g = torch.Generator(device=device).manual_seed(seed)
+    fake = decode(generate(model, torch.arange(k, device=device).repeat_interleave(n), alpha, generator=g)).cpu()
+    rows = []
+    for c in range(k):
+        real = decode(real_x[real_y == c][:n].to(device)).cpu()
+        real = torch.cat([real, torch.ones(n - len(real), *real.shape[1:])]) if len(real) < n else real
+        rows += [fake[c * n:(c + 1) * n], torch.ones(1, *fake.shape[1:]), real]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(torch.cat(rows), str(path), nrow=2 * n + 1, padding=1)
+    return path
+
 def plan_step(cfg: TrainConfig, accelerator) -> tuple[int, bool, str]:
     """The run's grad_accum and remat: as `cfg` gives them, or the smallest the plan (`drifting_nb.plan`, notebook 09a)
     finds to fit this device and node; a run the plan says cannot fit is refused here, before anything is written, with
@@ -608,6 +629,13 @@ def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None, grad_hook=No
         if main: print(f"sample queue {'refilled (checkpoints hold no queue)' if found else 'filled'} with {used} batches "
                        f"of {push} in {time.time() - t0:.1f} s" + (f"; classes sharded over {world} processes" if shard else ""))
     last_ckpt = found[0] if found else None
+    recorder = None                                                  # the drift at image scale (notebook 07b), main only
+    if cfg.record_every and main:
+        from drifting_nb.record import DriftRecorder
+        recorder = DriftRecorder(dataset, cfg.num_classes, out, cfg.record_every, cfg.record_per_class, seed=cfg.seed,
+                                 decode=decode)
+        recorder.resume(step)
+        if step == 0: recorder.record(0, model)
 
     def rank_state():
         st = dict(loader=loader.state_dict(), gen=gen.get_state(), gen_dev=gen_dev.get_state())
@@ -671,6 +699,7 @@ def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None, grad_hook=No
         for ema in emas: ema.update_parameters(unwrap_model(model))
         step += 1
         bar.update(1)
+        if recorder is not None and recorder.due(step, cfg.max_steps): recorder.record(step, model)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             dt, t_last = time.time() - t_last, time.time()
             n_steps = cfg.log_every if step % cfg.log_every == 0 else (step % cfg.log_every)
@@ -708,6 +737,12 @@ def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None, grad_hook=No
         accelerator.end_training()
         return dict(summary, stopped=stop.received or "peer", step=step)
     if main: save_sample_grid(emas[0].module, cfg, decode, out / "samples.png", cfg.sample_alpha, device)
+    if recorder is not None:
+        from drifting_nb.record import save_drift_html, HTML_FILE
+        page = save_drift_html(recorder.state(), out / HTML_FILE, title=f"{cfg.preset}: drifting toward the data",
+                               note=f"the raw generator's samples for fixed noise every {cfg.record_every} steps, "
+                                    f"alpha {recorder.alpha:g}; right: {recorder.proj['kind']} of real samples")
+        print(f"{page}: the drift in {len(recorder.steps)} frames, one offline page ({page.stat().st_size / 1e6:.1f} MB)")
     scores = evaluate_during_training(emas[0].module, cfg, device, decode, accelerator, out=out)
     if main:
         if scores:
@@ -721,11 +756,17 @@ def _train(cfg: TrainConfig, resume: bool = False, fault_hook=None, grad_hook=No
 
 # %% ../nbs/07_train.ipynb #4acfa78e
 def score_line(s: dict) -> str:
-    "One line of an evaluation's numbers: FID/IS, or the digits scorer's accuracy, Frechet distance and spread."
+    """One line of an evaluation's numbers: FID/IS, or the digits scorer's accuracy, Frechet distance and spread, in
+    the classifier's features and in pixels (a PCA of the real digits), each next to the real digits' own value."""
     if "fid" in s: return f"alpha {s.get('alpha', '?')}: FID {s['fid']:.2f}" + (f", IS {s['isc']:.1f}" if "isc" in s else "")
-    line = (f"alpha {s.get('alpha', '?')}: accuracy {s['acc']:.3f}, Frechet distance {s['fd']:.2f} "
-            f"({s['fd'] / s['fd_floor']:.1f}x the real-vs-real floor {s['fd_floor']:.2f})")
+    line = f"alpha {s.get('alpha', '?')}: accuracy {s['acc']:.3f}" + (f" (real digits {s['real_acc']:.3f})" if "real_acc" in s else "")
+    line += f", Frechet distance {s['fd']:.2f} = {s['fd'] / s['fd_floor']:.1f}x the real-vs-real floor {s['fd_floor']:.2f}"
+    if s.get("pixel_fd") is not None:
+        line += (f" (pixels: {s['pixel_fd']:.2f} = {s['pixel_fd'] / s['pixel_fd_floor']:.1f}x the floor "
+                 f"{s['pixel_fd_floor']:.2f})")
     if s.get("spread") is not None: line += f", within-class spread {s['spread']:.2f} of real"
+    if s.get("pixel_spread") is not None:
+        line += f" (pixels: {s['pixel_spread']:.2f}" + (f", least class {s['pixel_spread_min']:.2f}" if s.get("pixel_spread_min") is not None else "") + ")"
     if s.get("recall") is not None: line += f", recall {s['recall']:.2f}"
     return line
 
@@ -820,6 +861,7 @@ def evaluate_run_model(model, cfg: TrainConfig, device, decode, out: Path | None
         ax[1].set_xlabel(r"CFG scale $\alpha$"); ax[1].set_ylabel("classifier accuracy"); ax[1].legend()
         fig.tight_layout(); fig.savefig(out / "cfg_sweep.png", dpi=100); plt.close(fig)
         save_sample_grid(model, cfg, decode, out / "samples_per_class.png", best, device, n_per_class=10)
+        save_beside_real(model, cfg, decode, out / "samples_vs_real.png", best, device, scorer.heldout_x, scorer.heldout_y)
         (out / "scores.json").write_text(json.dumps(res, indent=1))
     return res
 
@@ -840,4 +882,4 @@ def main(argv=None):
 
 # %% ../nbs/07_train.ipynb #d30e2fb1
 #| eval: false
-if __name__ == "__main__": main()
+if __name__ == "__main__" and "ipykernel" not in sys.modules: main()   # a command, not a kernel running the notebook

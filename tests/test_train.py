@@ -5,6 +5,7 @@ import pytest
 import torch
 from drifting_nb.train import get_config, train, load_run, list_checkpoints, resolve_config, parse_args
 from drifting_nb.data import make_fake_imagefolder
+from drifting_nb.record import load_record
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
 
@@ -136,11 +137,34 @@ def test_default_digits_job_scores_itself(tmp_path):
     assert set(scores["sweep"]) == {str(a) for a in get_config("digits").eval_alphas}
     assert 0 <= scores["acc"] <= 1 and scores["fd"] > scores["fd_floor"] > 0
     assert (out / "cfg_sweep.png").is_file() and (out / "samples_per_class.png").is_file()
+    assert (out / "samples_vs_real.png").is_file()
     assert "eval" in _rows(out)[-1]
-    diversity = {"spread", "spread_min", "spread_per_class", "pixel_spread", "precision", "recall"}   # issue 14
+    diversity = {"spread", "spread_min", "spread_per_class", "pixel_spread", "precision", "recall",   # issue 14
+                 "pixel_spread_min", "pixel_fd", "pixel_fd_floor"}                                   # issue 21
+    assert "(pixels: " in r.stdout and "real digits" in r.stdout        # the end-of-run line: both spaces, with the reals'
+    rec = load_record(out)                                              # the drift, recorded without a flag (issue 22)
+    assert rec["steps"] == [0, 2] and rec["images"].shape[:2] == (2, 200)
+    assert 0 < (out / "drift.html").stat().st_size < 5e6
     assert diversity <= set(scores) and diversity <= set(_rows(out)[-1]["eval"]) and len(scores["spread_per_class"]) == 10
     # OMP_NUM_THREADS=1 (what `accelerate launch` exports) does not confine a one-process CPU run to one core
     assert f"{max(1, len(os.sched_getaffinity(0)))} CPU thread(s) each" in r.stdout
+
+def test_recording_the_drift_leaves_training_unchanged_and_resumes(encoder, folder, tmp_path):
+    "--record-every: frames at 0, every N and the last step; the losses equal a run without it; a resume keeps the frames."
+    kw = dict(encoder_path=encoder, data_dir=str(folder), sample_every=0, eval_every=0)
+    train(get_config("tiny-pixel", output_dir=str(tmp_path / "plain"), **kw))
+    out = tmp_path / "rec"
+    train(get_config("tiny-pixel", output_dir=str(out), max_steps=4, record_every=3, record_per_class=2, **kw))
+    assert load_record(out)["steps"] == [0, 3, 4]
+    train(get_config("tiny-pixel", output_dir=str(out), record_every=3, record_per_class=2, **kw), resume=True)
+    rec = load_record(out)
+    assert rec["steps"] == [0, 3, 4, 6] and rec["images"].shape == (4, 6, 3, 16, 16) and rec["points"].shape == (4, 6, 2)
+    assert rec["images"][-1].float().std() > 0 and not torch.equal(rec["points"][0], rec["points"][-1])
+    a, b = _losses(tmp_path / "plain"), _losses(out)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for st in a: assert b[st] == pytest.approx(a[st], rel=1e-6, abs=1e-7), st
+    page = (out / "drift.html").read_text()
+    assert page.count("iVBORw0KGgo") == 4 and "<script>" in page and "http" not in page.split("<script>")[1]
 
 def test_cpu_threads_apply_during_the_run_and_are_restored(encoder, folder, tmp_path):
     seen, before = [], torch.get_num_threads()
