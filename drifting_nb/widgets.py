@@ -9,17 +9,17 @@ import numpy as np
 import torch
 import ipywidgets as W
 import anywidget, traitlets
-import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.io._base_renderers import MimetypeRenderer
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator
 from .drift import compute_V
 from .runtime import cpu_threads          # notebook 06a
-from .toy import TARGETS, ToyHistory, train_toy, evaluate_toy, plot_samples, arrow_reference, snapshot_arrows
+from .toy import TARGETS, ToyHistory, train_toy, evaluate_toy, arrow_reference, snapshot_arrows
 
 # %% auto #0
-__all__ = ['INITS', 'plotly_png', 'static_plotly', 'SnapshotFrames', 'FramePlayer', 'ToyPanel', 'FieldExplorer']
+__all__ = ['DATA_COLOR', 'GEN_COLOR', 'FIELD_COLOR', 'INITS', 'plotly_png', 'static_plotly', 'SnapshotFrames', 'FramePlayer',
+           'ChoiceRow', 'ToyPanel', 'FieldCanvas', 'FieldExplorer', 'run_field_js']
 
 # %% ../nbs/02_interactive.ipynb #b7e1a003
 def _mpl_color(c):
@@ -41,10 +41,17 @@ def _png(fig: Figure, **kw) -> bytes:
     fig.savefig(buf, format="png", **kw)
     return buf.getvalue()
 
-def plotly_png(fig, dpi: int = 96) -> bytes:
+def plotly_png(fig, dpi: int = 96, frame: int | None = -1) -> bytes:
     """A still PNG of a plotly figure (a Figure, FigureWidget or its dict) drawn with matplotlib: the scatter traces
-    (markers, lines) on their subplots with the layout's ranges, log axes, equal aspect, axis and subplot titles."""
+    (markers, lines) on their subplots with the layout's ranges, log axes, equal aspect, axis and subplot titles.
+    For an animation, `frame`'s traces take the place of the figure's (default the last frame: the whole run; None:
+    the figure as it opens)."""
     d = fig.to_dict() if hasattr(fig, "to_dict") else dict(fig)
+    if frame is not None and d.get("frames"):
+        f, data = d["frames"][frame], [dict(t) for t in d.get("data", [])]
+        for i, t in zip(f.get("traces", range(len(f.get("data", [])))), f.get("data", [])):
+            if i < len(data): data[i] = {**data[i], **t}
+        d = {**d, "data": data}
     lay = d.get("layout", {})
     w, h = lay.get("width") or 700, lay.get("height") or 460
     m = {"l": 80, "r": 80, "t": 100, "b": 80, **lay.get("margin", {})}
@@ -94,34 +101,44 @@ def static_plotly() -> str:
 
 # %% ../nbs/02_interactive.ipynb #b7e1a005
 _DRAW = threading.Lock()      # one matplotlib drawing at a time, whichever thread a widget callback runs on
+DATA_COLOR, GEN_COLOR, FIELD_COLOR = "#3b6fb6", "#f28e1c", "0.15"   # data blue, generated orange, arrows near black
 
 class SnapshotFrames:
-    """PNG frames of a ToyHistory's snapshots: samples over the data with the field as arrows (one scale for all
-    frames), beside the loss up to that step on a log axis. One matplotlib Figure (no pyplot) whose artists move from
-    frame to frame; each frame is drawn once and cached."""
-    def __init__(self, history: ToyHistory, size=(7.5, 3.3), dpi: int = 96):
+    """PNG frames of a ToyHistory's snapshots: the samples (orange) over the data (blue) with the field as arrows
+    (one scale for all frames) and a legend, beside the loss up to that step on a log axis. One matplotlib Figure (no
+    pyplot) whose artists move from frame to frame; each frame is drawn once and cached. `size` in inches at `dpi`:
+    the default 9 x 4.6 is 900 x 460 px, shown at the output's width."""
+    def __init__(self, history: ToyHistory, size=(9, 4.6), dpi: int = 100):
         if not history.snapshots: raise ValueError("the history has no snapshots to draw")
         self.history, self.cache, self.first = history, {}, int(history.snapshots[0]["step"])
         self.fig = Figure(figsize=size, dpi=dpi)
-        a, b = self.fig.subplots(1, 2, gridspec_kw=dict(left=0.02, right=0.97, bottom=0.15, top=0.9, wspace=0.15))
+        a, b = self.fig.subplots(1, 2, gridspec_kw=dict(left=0.01, right=0.97, bottom=0.11, top=0.85, wspace=0.12,
+                                                         width_ratios=[1, 1.15]))
         s0, lim = history.snapshots[0], float(history.grid.abs().max())
-        plot_samples(a, s0["samples"], history.data, lim=lim, title="")
-        self.samples = a.collections[-1]
+        a.scatter(*history.data.T, s=4, c=DATA_COLOR, lw=0, alpha=0.8)
+        self.samples = a.scatter(*s0["samples"].T, s=4, c=GEN_COLOR, lw=0)
+        a.set_xlim(-lim, lim); a.set_ylim(-lim, lim); a.set_aspect("equal"); a.set_xticks([]); a.set_yticks([])
         self.ref = arrow_reference(history)
         self.arrows = a.quiver(*history.grid.T, *snapshot_arrows(history, 0, ref=self.ref).T, angles="xy",
-                               scale_units="xy", scale=1, width=0.004, color="tab:blue", alpha=0.7)
+                               scale_units="xy", scale=1, width=0.004, color=FIELD_COLOR, alpha=0.55)
+        from matplotlib.lines import Line2D
+        key = [Line2D([], [], ls="", marker="o", ms=6, c=DATA_COLOR, label="data"),
+               Line2D([], [], ls="", marker="o", ms=6, c=GEN_COLOR, label="generated"),
+               Line2D([], [], c=FIELD_COLOR, alpha=0.7, label="field V (arrows)")]
+        a.legend(handles=key, loc="lower left", bbox_to_anchor=(0, 1.0), ncol=3, fontsize=9, frameon=False,
+                 handletextpad=0.2, columnspacing=0.8, borderaxespad=0.2)
         d = np.asarray(history.drift, dtype=float)
         self.steps, self.d = np.arange(self.first + 1, self.first + len(d) + 1), d
         b.plot(self.steps, d, c="0.85", lw=0.8)                      # the whole run, faint
-        self.curve, = b.plot([], [], c="k", lw=0.8)                   # up to the frame's step
-        self.now, = b.plot([], [], "o", c="tab:orange", ms=5)
+        self.curve, = b.plot([], [], c="k", lw=0.9)                   # up to the frame's step
+        self.now, = b.plot([], [], "o", c=GEN_COLOR, ms=6)
         b.set_yscale("log"); b.yaxis.set_major_locator(LogLocator()); b.yaxis.set_major_formatter(FuncFormatter(_log_labels))
         b.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
         pos = d[d > 0]
         if len(pos): b.set_ylim(pos.min() / 2, pos.max() * 2)
-        b.set_xlim(0, max(len(d) + self.first, 1)); b.set_xlabel("step", fontsize=9); b.tick_params(labelsize=8)
-        b.set_title("mean V² of the field", fontsize=9)
-        self.ax = a
+        b.set_xlim(0, max(len(d) + self.first, 1)); b.set_xlabel("step", fontsize=10); b.tick_params(labelsize=9)
+        b.set_title("mean V² at the generated samples", fontsize=10)
+        self.ax, self.step_text = a, self.fig.text(0.01, 0.985, "", ha="left", va="top", fontsize=12, weight="bold")
 
     def __len__(self): return len(self.history.snapshots)
 
@@ -136,7 +153,7 @@ class SnapshotFrames:
                 self.arrows.set_UVC(*snapshot_arrows(self.history, i, ref=self.ref).numpy().T)
                 self.curve.set_data(self.steps[:k], self.d[:k])
                 self.now.set_data(self.steps[k - 1:k], self.d[k - 1:k])
-                self.ax.set_title(f"step {snap['step']}", fontsize=9)
+                self.step_text.set_text(f"step {snap['step']}")
                 self.cache[i] = _png(self.fig, pil_kwargs={"compress_level": 1})
         return self.cache[i]
 
@@ -157,9 +174,10 @@ class FramePlayer(anywidget.AnyWidget):
       const slider = document.createElement("input"), label = document.createElement("span");
       const img = document.createElement("img");
       bar.style.cssText = "display:flex; gap:0.6em; align-items:center; margin-bottom:0.3em";
-      play.className = "jupyter-button dn-play"; slider.type = "range"; slider.min = 0; slider.style.flex = "1";
+      play.className = "jupyter-button dn-play"; slider.type = "range"; slider.min = 0;
+      slider.style.cssText = "flex:1 1 auto; min-width:10em; width:auto"; slider.className = "dn-slider";
       label.className = "dn-label"; label.style.minWidth = "6em"; img.className = "dn-frame";
-      img.style.cssText = "width:100%; height:auto; display:block";
+      img.style.cssText = "width:100%; max-width:100%; height:auto; display:block";
       bar.append(play, slider, label); el.append(bar, img);
       let urls = [], timer = null;
       const show = i => { if (!urls.length) return; img.src = urls[i]; slider.value = i;
@@ -193,8 +211,33 @@ class FramePlayer(anywidget.AnyWidget):
 # %% ../nbs/02_interactive.ipynb #211d35aa
 INITS = {"network default": None, "between the modes": (0.0, 0.0), "far away": (0.0, -1.6), "collapsed on one mode": (0.6, 0.0)}
 
-def _column(*children, **layout): return W.VBox(list(children), layout=W.Layout(**layout))
 
+def _labelled(label: str, widget, width: str = "9em"):
+    "A widget after a right-aligned label of the same width as the sliders' descriptions, on one line."
+    head = W.HTML(f"<div style='width:{width}; text-align:right; padding-right:8px'>{label}</div>", layout=W.Layout(flex="0 0 auto"))
+    return W.HBox([head, widget], layout=W.Layout(align_items="center", width="auto"))
+
+class ChoiceRow(W.HBox):
+    """A label and a row of toggle buttons, any number of them pressed: several choices at once, each one click.
+    `value` is the tuple of the options pressed (settable)."""
+    def __init__(self, options, value=(), description: str = "", hint: str = "", label_width: str = "9em", **kw):
+        buttons = [W.ToggleButton(value=o in value, description=str(o), tooltip=f"{description} {o}: click to switch on or off",
+                                  layout=W.Layout(width="auto", min_width="3.6em")) for o in options]
+        parts = [W.HTML(f"<span style='display:inline-block; width:{label_width}; text-align:right; padding-right:8px'>"
+                        f"{description}</span>"), *buttons]
+        if hint: parts.append(W.HTML(f"<span style='color:#666; padding-left:0.5em'>{hint}</span>"))
+        super().__init__(parts, **kw)
+        self._options, self._buttons = tuple(options), buttons
+
+    @property
+    def value(self) -> tuple: return tuple(o for o, b in zip(self._options, self._buttons) if b.value)
+    @value.setter
+    def value(self, v):
+        for o, b in zip(self._options, self._buttons): b.value = o in tuple(v)
+
+    def observe_value(self, fn):
+        "Call fn(value) whenever a button is pressed or released."
+        for b in self._buttons: b.observe(lambda _: fn(self.value), names="value")
 class ToyPanel:
     """An ipywidgets panel around `train_fn` (default `train_toy`): controls -> options, Train, then the snapshots,
     drawn once each by `SnapshotFrames`, played by a `FramePlayer`. `threads`: torch's CPU threads while training
@@ -202,14 +245,16 @@ class ToyPanel:
     def __init__(self, train_fn=train_toy, steps: int = 500, n: int = 512, lr: float = 1e-2, threads: int | None = 1,
                  interval: int = 80):
         self.train_fn, self.threads, self.history, self.model, self.frames, self.shown = train_fn, threads, None, None, None, None
-        s = dict(style={"description_width": "9em"}, layout=W.Layout(width="100%"))
+        s = dict(style={"description_width": "9em"}, layout=W.Layout(width="auto"))
         self.target = W.Dropdown(options=list(TARGETS), value="checkerboard", description="target", **s)
         self.init = W.Dropdown(options=list(INITS), value="network default", description="q starts", **s)
-        self.taus = W.SelectMultiple(options=[0.01, 0.02, 0.05, 0.1, 0.2, 0.5], value=(0.02, 0.05, 0.2), rows=6,
-                                     description="temperatures τ", **s)
-        self.drift_norm = W.Checkbox(value=True, description="normalise each τ's drift (Sec. 3.4)", indent=False, **s)
-        self.normalize = W.ToggleButtons(options=["xy", "y", "none"], value="xy", description="normalise",
-                                         style={"description_width": "9em", "button_width": "auto"})
+        self.taus = ChoiceRow([0.01, 0.02, 0.05, 0.1, 0.2, 0.5], value=(0.02, 0.05, 0.2), description="temperatures τ",
+                              hint="click each to switch it on or off; their fields are summed",
+                              layout=W.Layout(flex_flow="row wrap", align_items="center", width="auto"))
+        self.drift_norm = W.Checkbox(value=True, description="normalise each τ's drift (Sec. 3.4)", indent=False,
+                                     layout=W.Layout(width="auto"))
+        self.normalize = W.ToggleButtons(options=["xy", "y", "none"], value="xy", style={"button_width": "auto"},
+                                         layout=W.Layout(width="auto"))
         self.pos_mult = W.FloatSlider(value=1.0, min=0.0, max=2.0, step=0.1, description="attraction ×", **s)
         self.neg_mult = W.FloatSlider(value=1.0, min=0.0, max=2.0, step=0.1, description="repulsion ×", **s)
         sizes = [64, 128, 256, 512, 1024, 2048]
@@ -217,17 +262,22 @@ class ToyPanel:
         self.n_neg = W.Dropdown(options=sizes, value=n, description="Nneg (generated)", **s)
         self.steps = W.IntSlider(value=steps, min=50, max=3000, step=50, description="steps", **s)
         self.lr = W.FloatLogSlider(value=lr, base=10, min=-4, max=-1.5, step=0.1, description="learning rate", **s)
-        self.train_button = W.Button(description="Train", button_style="primary", icon="play", layout=W.Layout(width="8em"))
-        self.progress = W.IntProgress(value=0, min=0, max=steps, layout=W.Layout(width="100%"))
+        self.train_button = W.Button(description="Train", button_style="primary", icon="play", layout=W.Layout(width="8em", flex="0 0 auto"))
+        self.progress = W.IntProgress(value=0, min=0, max=steps, layout=W.Layout(width="auto", flex="1 1 10em"))
         self.status = W.HTML("press <b>Train</b>", layout=W.Layout(width="100%"))
-        self.player = FramePlayer(interval=interval, layout=W.Layout(width="100%", max_width="50em"))
+        self.status.add_class("dn-status")
+        self.player = FramePlayer(interval=interval, layout=W.Layout(width="100%", max_width="64em"))
         self.player.observe(lambda ch: self.show(ch["new"]), names="index")
         self.train_button.on_click(self.train)
-        controls = _column(self.target, self.init, self.taus, self.drift_norm, self.normalize, self.pos_mult, self.neg_mult, self.n_pos,
-                           self.n_neg, self.steps, self.lr, W.HBox([self.train_button]), self.progress, self.status,
-                           flex="0 1 24em", min_width="18em", margin="0 1em 0 0")
-        view = _column(self.player, flex="1 1 30em", min_width="18em")
-        self.widget = W.HBox([controls, view], layout=W.Layout(flex_flow="row wrap", width="100%", align_items="flex-start"))
+        # the controls in a grid above the picture (as many columns as fit), so the picture stays in view
+        controls = W.GridBox([self.target, self.init, self.steps, self.n_pos, self.n_neg, self.lr,
+                              _labelled("normalise", self.normalize), self.pos_mult, self.neg_mult],
+                             layout=W.Layout(grid_template_columns="repeat(auto-fill, minmax(19em, 1fr))",
+                                             grid_gap="0.1em 1em", width="100%"))
+        temperatures = W.HBox([self.taus, self.drift_norm], layout=W.Layout(flex_flow="row wrap", align_items="center",
+                                                                              grid_gap="0 1.5em", width="100%"))
+        run = W.HBox([self.train_button, self.progress], layout=W.Layout(width="100%", align_items="center", margin="0.3em 0"))
+        self.widget = W.VBox([controls, temperatures, run, self.status, self.player], layout=W.Layout(width="100%"))
 
     def options(self) -> dict:
         "The keyword arguments the controls currently ask `train_fn` for (ToyConfig fields)."
@@ -280,9 +330,215 @@ class ToyPanel:
         return b
 
 # %% ../nbs/02_interactive.ipynb #c8f20002
+_FIELD_JS = """
+// The field of Alg. 2 at every generated point, computed as compute_V computes it (in float64), in the browser.
+// data [P*2], gen [N*2]: flat coordinates. Returns Vp = sum_j W+_ij (y_j - x_i) and Vm = sum_k W-_ik (x_k - x_i),
+// [N*2] each, where A is the kernel exp(-|x_i - t|/tau) over the targets t = the data and the other generated points
+// (a point's own term left out), normalised by `normalize` ("xy": sqrt(softmax over t * softmax over the generated
+// points); "y": softmax over t; "none": exp / P and exp / (N - 1)), and W+ = A+ sum(A-), W- = A- sum(A+).
+// A = E_it r_i c_t with E = exp(logit - the row's largest logit): one exp per pair, nothing stored but E.
+export function field(data, gen, tau, normalize) {
+  const P = data.length >> 1, N = gen.length >> 1, T = P + N;
+  const Vp = new Float64Array(2 * N), Vm = new Float64Array(2 * N);
+  if (N < 2 || P < 1) return { Vp, Vm };
+  const E = new Float64Array(N * T), m = new Float64Array(N), s = new Float64Array(N);
+  const r = new Float64Array(N), c = new Float64Array(T);
+  let top = -Infinity;
+  for (let i = 0; i < N; i++) {
+    const xi = gen[2 * i], yi = gen[2 * i + 1], row = i * T;
+    let mi = -Infinity;
+    for (let j = 0; j < P; j++) {
+      const l = -Math.sqrt((data[2 * j] - xi) ** 2 + (data[2 * j + 1] - yi) ** 2) / tau;
+      E[row + j] = l; if (l > mi) mi = l;
+    }
+    for (let k = 0; k < N; k++) {
+      const l = k === i ? -Infinity : -Math.sqrt((gen[2 * k] - xi) ** 2 + (gen[2 * k + 1] - yi) ** 2) / tau;
+      E[row + P + k] = l; if (l > mi) mi = l;
+    }
+    if (normalize === "none") mi = 0;                  // plain exp
+    let si = 0;
+    for (let t = 0; t < T; t++) si += (E[row + t] = Math.exp(E[row + t] - mi));
+    m[i] = mi; s[i] = si; if (mi > top) top = mi;
+  }
+  if (normalize === "xy") {                            // r_i = sqrt(f_i / s_i), c_t = 1 / sqrt(sum_i E_it f_i),
+    for (let i = 0; i < N; i++) {                      // f_i = exp(m_i - max m) puts every row on one scale
+      const f = Math.exp(m[i] - top), row = i * T;
+      r[i] = Math.sqrt(f / s[i]);
+      for (let t = 0; t < T; t++) c[t] += E[row + t] * f;
+    }
+    for (let t = 0; t < T; t++) c[t] = c[t] > 0 ? 1 / Math.sqrt(c[t]) : 0;
+  } else if (normalize === "y") {
+    for (let i = 0; i < N; i++) r[i] = 1 / s[i];
+    c.fill(1);
+  } else {
+    r.fill(1);
+    for (let t = 0; t < T; t++) c[t] = t < P ? 1 / P : 1 / (N - 1);
+  }
+  for (let i = 0; i < N; i++) {                        // cross-weighting, then the two sums
+    const row = i * T, xi = gen[2 * i], yi = gen[2 * i + 1];
+    let sp = 0, sn = 0, px = 0, py = 0, nx = 0, ny = 0;
+    for (let j = 0; j < P; j++) { const a = E[row + j] * c[j]; sp += a; px += a * (data[2 * j] - xi); py += a * (data[2 * j + 1] - yi); }
+    for (let k = 0; k < N; k++) { const a = E[row + P + k] * c[P + k]; sn += a; nx += a * (gen[2 * k] - xi); ny += a * (gen[2 * k + 1] - yi); }
+    const w = r[i] * r[i];                             // A+ and A- each carry r_i
+    Vp[2 * i] = w * px * sn; Vp[2 * i + 1] = w * py * sn; Vm[2 * i] = w * nx * sp; Vm[2 * i + 1] = w * ny * sp;
+  }
+  return { Vp, Vm };
+}
+"""
+
+_CANVAS_JS = """
+const COLORS = { data: "#5b6f8f", gen: "#f28e1c", pos: "#2b6cd9", neg: "#d62828", V: "#111111" };
+const HIT = 9;                                         // css px: how near a press must be to take a point
+function render({ model, el }) {
+  const key = document.createElement("div"), canvas = document.createElement("canvas");
+  const status = document.createElement("div");
+  const sw = (c, dot) => `<span style="display:inline-block;width:${dot ? "0.7em" : "1.4em"};height:${dot ? "0.7em" : "2px"};` +
+    `border-radius:${dot ? "50%" : "0"};background:${c};vertical-align:middle;margin:0 0.3em 0 0.9em"></span>`;
+  key.className = "dn-field-key"; key.style.cssText = "font-size:0.9em; line-height:1.7";
+  key.innerHTML = `${sw(COLORS.data, 1)}data ${sw(COLORS.gen, 1)}generated ${sw(COLORS.pos)}V+ (attraction) ` +
+    `${sw(COLORS.neg)}-V- (repulsion) ${sw(COLORS.V)}V<br><span style="color:#555; margin-left:0.9em">` +
+    `<b>click</b> the canvas to add a point (the mode above says which kind) &middot; <b>drag</b> any point to move it ` +
+    `&middot; in <b>erase</b> mode, click or sweep over points to remove them</span>`;
+  canvas.className = "dn-field-canvas";
+  canvas.style.cssText = "display:block; width:100%; max-width:34em; aspect-ratio:1; touch-action:none; " +
+                         "cursor:crosshair; border:1px solid #ccc; margin:0.3em 0";
+  status.className = "dn-field-status"; status.style.cssText = "font-size:0.9em; color:#333";
+  el.append(key, canvas, status);
+  let data, gen, Vp = new Float64Array(0), Vm = Vp, dirty = true, queued = false, frames = 0, held = null;
+  const load = () => { data = Float64Array.from(model.get("data")); gen = Float64Array.from(model.get("gen")); dirty = true; };
+  const mode = () => model.get("modes")[model.get("mode_index")];
+  const L = () => model.get("lim");
+  const px = () => canvas.width / (2 * L());                       // device px per unit
+  const toPx = (x, y) => [(x + L()) * px(), (L() - y) * px()];
+  const toWorld = e => { const b = canvas.getBoundingClientRect(), l = L();
+    const f = v => Math.max(-l, Math.min(l, v));
+    return [f(((e.clientX - b.left) / b.width) * 2 * l - l), f(l - ((e.clientY - b.top) / b.height) * 2 * l)]; };
+  function nearest(e) {                                            // the point under the pointer: ["data"|"gen", i]
+    const b = canvas.getBoundingClientRect(), s = b.width / (2 * L()), [x, y] = toWorld(e);
+    let best = null, bd = HIT / s;
+    for (const [name, a] of [["gen", gen], ["data", data]])
+      for (let i = 0; i < a.length / 2; i++) {
+        const d = Math.hypot(a[2 * i] - x, a[2 * i + 1] - y);
+        if (d < bd) { bd = d; best = [name, i]; }
+      }
+    return best;
+  }
+  function arrows(ctx, V, scale, color, width) {
+    ctx.strokeStyle = color; ctx.lineWidth = width; ctx.beginPath();
+    const k = px(), dpr = window.devicePixelRatio || 1;
+    for (let i = 0; i < gen.length / 2; i++) {
+      const [x0, y0] = toPx(gen[2 * i], gen[2 * i + 1]);
+      const dx = scale * V[2 * i] * k, dy = -scale * V[2 * i + 1] * k, n = Math.hypot(dx, dy);
+      if (n < 0.5 * dpr) continue;
+      const x1 = x0 + dx, y1 = y0 + dy, h = Math.min(Math.max(0.25 * n, 2.5 * dpr), 7 * dpr) / n;
+      ctx.moveTo(x0, y0); ctx.lineTo(x1, y1);
+      ctx.moveTo(x1 - h * (dx - 0.5 * dy), y1 - h * (dy + 0.5 * dx)); ctx.lineTo(x1, y1);
+      ctx.lineTo(x1 - h * (dx + 0.5 * dy), y1 - h * (dy - 0.5 * dx));
+    }
+    ctx.stroke();
+  }
+  function draw() {
+    queued = false;
+    const t0 = performance.now(), dpr = window.devicePixelRatio || 1;
+    const w = Math.round(canvas.clientWidth * dpr);
+    if (w > 0 && canvas.width !== w) { canvas.width = w; canvas.height = w; }
+    if (dirty) { ({ Vp, Vm } = field(data, gen, model.get("tau"), model.get("normalizations")[model.get("normalize_index")]));
+                 dirty = false; }
+    const a = model.get("pos_mult"), b = model.get("neg_mult"), N = gen.length / 2, V = new Float64Array(2 * N);
+    let mean = 0;
+    for (let i = 0; i < 2 * N; i++) V[i] = a * Vp[i] - b * Vm[i];
+    for (let i = 0; i < N; i++) mean += Math.hypot(V[2 * i], V[2 * i + 1]) / N;
+    const ctx = canvas.getContext("2d"), scale = model.get("scale");
+    ctx.fillStyle = "#fff"; ctx.fillRect(0, 0, canvas.width, canvas.height);
+    ctx.strokeStyle = "#e6e6e6"; ctx.lineWidth = dpr; ctx.beginPath();
+    for (const v of [-1, 0, 1]) { const [gx, gy] = toPx(v, v); ctx.moveTo(gx, 0); ctx.lineTo(gx, canvas.height);
+                                  ctx.moveTo(0, gy); ctx.lineTo(canvas.width, gy); }
+    ctx.stroke();
+    const dots = (a, color, r, ring) => { ctx.fillStyle = color; ctx.strokeStyle = ring; ctx.lineWidth = dpr;
+      for (let i = 0; i < a.length / 2; i++) { const [x, y] = toPx(a[2 * i], a[2 * i + 1]);
+        ctx.beginPath(); ctx.arc(x, y, r * dpr, 0, 2 * Math.PI); ctx.fill(); if (ring) ctx.stroke(); } };
+    dots(data, COLORS.data, 3.2, null);
+    dots(gen, COLORS.gen, 3.6, "#9a4d00");
+    const mVm = Vm.map(v => -v);
+    if (model.get("show_pos")) arrows(ctx, Vp, scale, COLORS.pos, 1.3 * dpr);
+    if (model.get("show_neg")) arrows(ctx, mVm, scale, COLORS.neg, 1.3 * dpr);
+    if (model.get("show_v")) arrows(ctx, V, scale, COLORS.V, 1.8 * dpr);
+    if (held) { const a = held[0] === "data" ? data : gen, [x, y] = toPx(a[2 * held[1]], a[2 * held[1] + 1]);
+                ctx.strokeStyle = "#000"; ctx.lineWidth = 2 * dpr; ctx.beginPath(); ctx.arc(x, y, 8 * dpr, 0, 2 * Math.PI); ctx.stroke(); }
+    const ms = performance.now() - t0;
+    status.textContent = `${data.length / 2} data, ${N} generated points; mean |V| ${mean.toFixed(3)}; ` +
+                         `field and picture in ${ms.toFixed(1)} ms`;
+    canvas.dnState = { data, gen, Vp, Vm, V, ms, tau: model.get("tau"), pos_mult: a, neg_mult: b,
+                       normalize: model.get("normalizations")[model.get("normalize_index")] };   // for tests
+    canvas.dataset.frames = String(++frames);                      // a new picture is on the canvas
+  }
+  const schedule = () => { if (!queued) { queued = true; requestAnimationFrame(draw); } };
+  const sync = () => { model.set({ data: Array.from(data), gen: Array.from(gen) }); model.save_changes(); };
+  const cut = (name, i) => { const a = name === "data" ? data : gen, b = new Float64Array(a.length - 2);
+    b.set(a.subarray(0, 2 * i)); b.set(a.subarray(2 * i + 2), 2 * i); if (name === "data") data = b; else gen = b; dirty = true; };
+  let erasing = false, moved = false;
+  canvas.addEventListener("pointerdown", e => {
+    if (e.button !== 0) return;
+    canvas.setPointerCapture(e.pointerId);
+    const hit = nearest(e), m = mode();
+    if (m === "erase") { erasing = true; if (hit) { cut(...hit); moved = true; schedule(); } return; }
+    if (hit) held = hit;
+    else if (m === "add data" || m === "add generated") {
+      const [x, y] = toWorld(e), name = m === "add data" ? "data" : "gen", a = name === "data" ? data : gen;
+      const b = new Float64Array(a.length + 2); b.set(a); b[a.length] = x; b[a.length + 1] = y;
+      if (name === "data") data = b; else gen = b;
+      held = [name, b.length / 2 - 1]; dirty = true; moved = true;
+    }
+    schedule();
+  });
+  canvas.addEventListener("pointermove", e => {
+    if (held) {
+      const [x, y] = toWorld(e), a = held[0] === "data" ? data : gen;
+      a[2 * held[1]] = x; a[2 * held[1] + 1] = y; dirty = true; moved = true; schedule();
+    } else if (erasing) { const hit = nearest(e); if (hit) { cut(...hit); moved = true; schedule(); } }
+    else canvas.style.cursor = mode() === "erase" ? "not-allowed" : nearest(e) ? "grab" : mode() === "move" ? "default" : "crosshair";
+  });
+  const release = () => { if (moved) sync(); held = null; erasing = false; moved = false; schedule(); };
+  canvas.addEventListener("pointerup", release);
+  canvas.addEventListener("pointercancel", release);
+  for (const k of ["data", "gen"]) model.on("change:" + k, () => { load(); schedule(); });
+  for (const k of ["tau", "normalize_index"]) model.on("change:" + k, () => { dirty = true; schedule(); });
+  for (const k of ["pos_mult", "neg_mult", "scale", "show_pos", "show_neg", "show_v", "lim"]) model.on("change:" + k, schedule);
+  const resize = new ResizeObserver(schedule);
+  resize.observe(canvas);
+  load(); schedule();
+  return () => resize.disconnect();
+}
+export default { render };
+"""
+
+class FieldCanvas(anywidget.AnyWidget):
+    """The explorer's canvas: data and generated points (flat [x0, y0, x1, y1, ...] lists) and the arrows of V+, -V-
+    and V = a V+ - b V- at the generated points, computed and drawn by the page itself (`_FIELD_JS`, compute_V's
+    arithmetic), so a click, a drag or a control's change shows without waiting for the kernel. Edits come back to
+    the kernel when the pointer is released."""
+    _esm = _FIELD_JS + _CANVAS_JS
+    data = traitlets.List(traitlets.Float()).tag(sync=True)
+    gen = traitlets.List(traitlets.Float()).tag(sync=True)
+    tau = traitlets.Float(0.1).tag(sync=True)
+    normalizations = traitlets.List(traitlets.Unicode(), ["xy", "y", "none"]).tag(sync=True)
+    normalize_index = traitlets.Int(0).tag(sync=True)
+    modes = traitlets.List(traitlets.Unicode(), ["add data", "add generated", "move", "erase"]).tag(sync=True)
+    mode_index = traitlets.Int(0).tag(sync=True)
+    pos_mult = traitlets.Float(1.0).tag(sync=True)
+    neg_mult = traitlets.Float(1.0).tag(sync=True)
+    scale = traitlets.Float(1.0).tag(sync=True)
+    show_pos = traitlets.Bool(True).tag(sync=True)
+    show_neg = traitlets.Bool(True).tag(sync=True)
+    show_v = traitlets.Bool(True).tag(sync=True)
+    lim = traitlets.Float(1.5).tag(sync=True)
+
+def _flat(p) -> list: return torch.as_tensor(p, dtype=torch.float32).reshape(-1).tolist()
+def _points(v) -> torch.Tensor: return torch.tensor(v, dtype=torch.float32).reshape(-1, 2)
+
 def _arrows_xy(p: np.ndarray, v: np.ndarray, head: float = 0.2):
     """Arrows from points p [N,2] along v [N,2] as line coordinates with NaN breaks, a shaft and a two-stroke head
-    each: x, y [N*9] numpy arrays (which plotly takes whole, without checking element by element)."""
+    each: x, y [N*9] numpy arrays."""
     tip, u, w = p + v, v[:, :1], v[:, 1:]
     gap = np.full_like(p, np.nan)
     left, right = tip + head * np.hstack([-u + 0.5 * w, -w - 0.5 * u]), tip + head * np.hstack([-u - 0.5 * w, -w + 0.5 * u])
@@ -290,131 +546,82 @@ def _arrows_xy(p: np.ndarray, v: np.ndarray, head: float = 0.2):
     return pts[..., 0].ravel(), pts[..., 1].ravel()
 
 class FieldExplorer:
-    """Data (grey) and generated (orange) points on a plotly FigureWidget, with the arrows of V+, -V- and
-    V = a V+ - b V- (`compute_V`, Alg. 2) at every generated point, recomputed when a point or a control changes.
-    Click to add, move or erase points; then train a generator from here. `threads`: torch's CPU threads for it."""
+    """Data and generated points on a canvas (`FieldCanvas`), with the arrows of V+, -V- and V = a V+ - b V-
+    (`compute_V`, Alg. 2) at every generated point, redrawn by the browser the moment a point or a control changes.
+    Click to add points, drag to move them, sweep to erase; then train a generator from here. `threads`: torch's CPU
+    threads for it. `data` and `gen` are [P,2] and [N,2] tensors; setting them redraws the canvas."""
     MODES = ("add data", "add generated", "move", "erase")
+    NORMALIZATIONS = ("xy", "y", "none")
     def __init__(self, data=None, generated=None, tau: float = 0.1, normalize: str = "xy", lim: float = 1.5,
-                 grid: int = 61, threads: int | None = 1, seed: int = 0):
+                 threads: int | None = 1, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
-        self.data = (TARGETS["moons"](200, g) if data is None else torch.as_tensor(data, dtype=torch.float32)).reshape(-1, 2).clone()
-        self.gen = (0.15 * torch.randn(100, 2, generator=g) + torch.tensor([0.0, -0.9]) if generated is None
-                    else torch.as_tensor(generated, dtype=torch.float32)).reshape(-1, 2).clone()
-        self.lim, self.threads, self.picked, self.model, self.history, self.timings = lim, threads, None, None, None, []
-        s = dict(style={"description_width": "7.5em"}, layout=W.Layout(width="100%"))
-        self.mode = W.ToggleButtons(options=self.MODES, value="add data", style={"button_width": "auto"})
+        data = TARGETS["moons"](200, g) if data is None else data
+        gen = 0.15 * torch.randn(100, 2, generator=g) + torch.tensor([0.0, -0.9]) if generated is None else generated
+        self.lim, self.threads, self.model, self.history = lim, threads, None, None
+        s = dict(style={"description_width": "7.5em"}, layout=W.Layout(width="auto"))
+        self.mode = W.ToggleButtons(options=self.MODES, value="add data", style={"button_width": "auto"},
+                                    tooltips=["a click adds a data point", "a click adds a generated point",
+                                              "drag points; a click adds nothing", "a click or a sweep removes points"],
+                                    layout=W.Layout(width="auto"))
         self.tau = W.FloatLogSlider(value=tau, base=10, min=-2, max=0, step=0.05, description="τ", readout_format=".3f", **s)
-        self.normalize = W.ToggleButtons(options=["xy", "y", "none"], value=normalize, description="normalise",
-                                         style={"description_width": "7.5em", "button_width": "auto"})
+        self.normalize = W.ToggleButtons(options=self.NORMALIZATIONS, value=normalize, style={"button_width": "auto"},
+                                         layout=W.Layout(width="auto"))
         self.pos_mult = W.FloatSlider(value=1.0, min=0.0, max=2.0, step=0.1, description="attraction ×", **s)
         self.neg_mult = W.FloatSlider(value=1.0, min=0.0, max=2.0, step=0.1, description="repulsion ×", **s)
         self.scale = W.FloatLogSlider(value=1.0, base=10, min=-1, max=1, step=0.05, description="arrow length ×", **s)
         self.parts = {k: W.Checkbox(value=True, description=k, indent=False, layout=W.Layout(width="5em"))
                       for k in ("V+", "-V-", "V")}
-        self.steps = W.IntSlider(value=300, min=50, max=2000, step=50, description="train steps", **s)
+        self.canvas = FieldCanvas(data=_flat(data), gen=_flat(gen), tau=tau, normalize_index=self.NORMALIZATIONS.index(normalize),
+                                  modes=list(self.MODES), normalizations=list(self.NORMALIZATIONS), lim=lim,
+                                  layout=W.Layout(width="100%"))
+        for src, dst in ((self.tau, "tau"), (self.pos_mult, "pos_mult"), (self.neg_mult, "neg_mult"), (self.scale, "scale"),
+                         (self.parts["V+"], "show_pos"), (self.parts["-V-"], "show_neg"), (self.parts["V"], "show_v")):
+            W.jsdlink((src, "value"), (self.canvas, dst))   # in the page: a control's change redraws with no kernel trip
+        W.jsdlink((self.mode, "index"), (self.canvas, "mode_index"))
+        W.jsdlink((self.normalize, "index"), (self.canvas, "normalize_index"))
+        self.steps = W.IntSlider(value=300, min=50, max=2000, step=50, description="train steps",
+                                 style={"description_width": "7.5em"}, layout=W.Layout(width="24em"))
         self.train_button = W.Button(description="train from here", icon="play", button_style="primary",
                                      layout=W.Layout(width="12em"))
-        self.play = W.Play(value=0, min=0, max=0, interval=100)
+        self.play = W.Play(value=0, min=0, max=0, interval=150, layout=W.Layout(flex="0 0 auto"))
         self.snapshot = W.IntSlider(value=0, min=0, max=0, description="snapshot", style={"description_width": "5em"},
-                                    layout=W.Layout(flex="1 1 auto", width="auto"))
+                                    layout=W.Layout(flex="1 1 16em", width="auto", min_width="16em"))
         W.jslink((self.play, "value"), (self.snapshot, "value"))
-        self.status = W.HTML(layout=W.Layout(width="100%"))
-        xs = np.linspace(-lim, lim, grid)
-        gx, gy = np.meshgrid(xs, xs)
-        clear = dict(marker=dict(opacity=0))
-        self.fig = go.FigureWidget([
-            go.Scatter(x=gx.ravel(), y=gy.ravel(), mode="markers", marker=dict(size=4, opacity=0), hoverinfo="none",
-                       showlegend=False, selected=clear, unselected=clear),           # catches clicks on empty canvas
-            go.Scatter(mode="markers", name="data", marker=dict(size=6, color="rgb(150,150,150)"), hoverinfo="none"),
-            go.Scatter(mode="markers", name="generated", marker=dict(size=6, color="darkorange"), hoverinfo="none"),
-            go.Scatter(mode="lines", name="V+ (attraction)", line=dict(width=1.2, color="royalblue"), hoverinfo="skip"),
-            go.Scatter(mode="lines", name="-V- (repulsion)", line=dict(width=1.2, color="crimson"), hoverinfo="skip"),
-            go.Scatter(mode="lines", name="V", line=dict(width=1.6, color="black"), hoverinfo="skip"),
-            go.Scatter(mode="markers", name="picked", showlegend=False, hoverinfo="skip",
-                       marker=dict(size=14, color="rgba(0,0,0,0)", line=dict(width=2, color="black")))])
-        self.fig.update_layout(height=520, margin=dict(l=10, r=10, t=30, b=10), template="plotly_white",
-                               dragmode="lasso", hovermode="closest", legend=dict(orientation="h", y=1.04, x=0),
-                               xaxis=dict(range=[-lim, lim], showticklabels=False, zeroline=False),
-                               yaxis=dict(range=[-lim, lim], scaleanchor="x", showticklabels=False, zeroline=False))
-        for t in self.fig.data[:3]: t.on_click(self._click)
-        for t in self.fig.data[1:3]: t.on_selection(self._select)
-        for w in (self.tau, self.normalize, self.pos_mult, self.neg_mult, self.scale, *self.parts.values()):
-            w.observe(lambda _: self.update(), names="value")
+        self.status = W.HTML("", layout=W.Layout(width="auto"))
+        self.held = W.HTML(layout=W.Layout(margin="0 0 0 1em"))          # what the kernel has: train from here uses it
+        self.held.add_class("dn-field-held")
+        self.canvas.observe(lambda _: self._held(), names=["data", "gen"])
+        self._held()
         self.snapshot.observe(lambda ch: self.show_snapshot(ch["new"]), names="value")
         self.train_button.on_click(self.train_from_here)
-        controls = _column(self.mode, self.tau, self.normalize, self.pos_mult, self.neg_mult, self.scale,
-                           W.HBox(list(self.parts.values())), self.steps, W.HBox([self.train_button]),
-                           W.HBox([self.play, self.snapshot], layout=W.Layout(width="100%")), self.status,
-                           flex="0 1 24em", min_width="18em", margin="0 1em 0 0")
-        self.widget = W.HBox([controls, _column(self.fig, flex="1 1 28em", min_width="18em")],
-                             layout=W.Layout(flex_flow="row wrap", width="100%", align_items="flex-start"))
-        self.update()
+        grid = W.Layout(grid_template_columns="repeat(auto-fill, minmax(18em, 1fr))", grid_gap="0.1em 1em", width="100%")
+        controls = W.GridBox([self.tau, _labelled("normalise", self.normalize, "7.5em"), self.scale, self.pos_mult,
+                              self.neg_mult, _labelled("arrows", W.HBox(list(self.parts.values())), "7.5em")], layout=grid)
+        controls = W.VBox([_labelled("a click on the canvas", self.mode, "auto"), controls])
+        training = W.HBox([self.steps, self.train_button, self.play, self.snapshot, self.held],
+                          layout=W.Layout(flex_flow="row wrap", align_items="center", width="100%"))
+        self.widget = W.VBox([controls, self.canvas, training, self.status], layout=W.Layout(width="100%"))
+
+    @property
+    def data(self) -> torch.Tensor: return _points(self.canvas.data)
+    @data.setter
+    def data(self, v): self.canvas.data = _flat(v)
+    @property
+    def gen(self) -> torch.Tensor: return _points(self.canvas.gen)
+    @gen.setter
+    def gen(self, v): self.canvas.gen = _flat(v)
+
+    def _held(self):
+        self.held.value = (f"<span style='color:#555'>the kernel has {len(self.canvas.data) // 2} data and "
+                           f"{len(self.canvas.gen) // 2} generated points</span>")
 
     def fields(self):
-        "V+ [N,2], V- [N,2] and V = a V+ - b V- [N,2] at the generated points under the current controls."
+        "V+ [N,2], V- [N,2] and V = a V+ - b V- [N,2] at the generated points under the current controls (`compute_V`)."
         x, y, kw = self.gen, self.data, dict(tau=self.tau.value, normalize=self.normalize.value)
         if len(x) < 2 or len(y) < 1: return (torch.zeros_like(x),) * 3      # no field without data and two samples
         Vp = compute_V(x, y, **kw, pos_mult=1.0, neg_mult=0.0)              # sum_j W+_j (y+_j - x)
         Vm = -compute_V(x, y, **kw, pos_mult=0.0, neg_mult=1.0)             # sum_j W-_j (y-_j - x)
         return Vp, Vm, self.pos_mult.value * Vp - self.neg_mult.value * Vm
-
-    def update(self):
-        "Recompute the arrows and redraw every trace; returns the seconds it took (kept in `timings`)."
-        t0 = time.perf_counter()
-        Vp, Vm, V = self.fields()
-        x = self.gen.numpy()
-        live = len(self.gen) >= 2 and len(self.data) >= 1
-        segs = [_arrows_xy(x, self.scale.value * v.numpy()) if live and self.parts[k].value else ([], [])
-                for k, v in (("V+", Vp), ("-V-", -Vm), ("V", V))]
-        pick = [] if self.picked is None else [(self.data if self.picked[0] == "data" else self.gen)[self.picked[1]].tolist()]
-        with self.fig.batch_update():
-            d = self.fig.data
-            d[1].x, d[1].y = self.data[:, 0].numpy(), self.data[:, 1].numpy()
-            d[2].x, d[2].y = x[:, 0], x[:, 1]
-            for t, (sx, sy) in zip(d[3:6], segs): t.x, t.y = sx, sy
-            d[6].x, d[6].y = [p[0] for p in pick], [p[1] for p in pick]
-        self.timings.append(time.perf_counter() - t0)
-        self.status.value = (f"{len(self.data)} data, {len(self.gen)} generated points; mean |V| "
-                             f"{float(V.norm(dim=1).mean()):.3f}; update {self.timings[-1] * 1000:.0f} ms")
-        return self.timings[-1]
-
-    def _set(self, which, pts):
-        if which == "data": self.data = pts
-        else: self.gen = pts
-
-    def _click(self, trace, points, state):
-        "A click: add, pick/move or erase, depending on the mode."
-        if not points.point_inds: return
-        xy, i = torch.tensor([[points.xs[0], points.ys[0]]], dtype=torch.float32), points.point_inds[0]
-        which = {1: "data", 2: "generated"}.get(points.trace_index)
-        mode = self.mode.value
-        if mode in ("add data", "add generated"):
-            key = mode.split()[1]
-            self._set(key, torch.cat([self.data if key == "data" else self.gen, xy]))
-        elif mode == "erase" and which:
-            pts = self.data if which == "data" else self.gen
-            self._set(which, torch.cat([pts[:i], pts[i + 1:]]))
-        elif mode == "move":
-            if self.picked is None:
-                if which: self.picked = (which, i)
-            else:
-                key, j = self.picked
-                pts = (self.data if key == "data" else self.gen).clone()
-                pts[j] = xy[0]
-                self._set(key, pts)
-                self.picked = None
-        self.update()
-
-    def _select(self, trace, points, selector):
-        "A box or lasso selection: in erase mode, remove the selected points of this trace."
-        which = {1: "data", 2: "generated"}.get(points.trace_index)
-        if self.mode.value == "erase" and which and points.point_inds:
-            pts = self.data if which == "data" else self.gen
-            keep = torch.ones(len(pts), dtype=torch.bool)
-            keep[points.point_inds] = False
-            self._set(which, pts[keep])
-        trace.selectedpoints = None
-        self.update()
 
     def train_from_here(self, _=None, steps: int | None = None):
         """Train a toy generator toward the data points (resampled, plus N(0, 0.02^2) noise), starting as a cloud with
@@ -423,15 +630,15 @@ class FieldExplorer:
         if len(self.data) < 2 or len(self.gen) < 2:
             self.status.value = "train from here needs at least 2 data and 2 generated points"
             return None
-        data, steps = self.data.clone(), int(steps or self.steps.value)
+        data, gen, steps = self.data, self.gen, int(steps or self.steps.value)
         def sampler(n, generator=None):
             i = torch.randint(0, len(data), (n,), generator=generator)
             return data[i] + 0.02 * torch.randn(n, 2, generator=generator)
         opts = dict(steps=steps, lr=1e-2, warmup=min(20, steps // 10), schedule="cosine", n_pos=256, n_neg=256,
                     taus=(self.tau.value,), normalize=self.normalize.value, pos_mult=self.pos_mult.value,
-                    neg_mult=self.neg_mult.value, init_center=tuple(self.gen.mean(0).tolist()),
-                    init_spread=max(float(self.gen.std(0).mean()), 1e-3), snapshot_every=max(1, steps // 40),
-                    n_snapshot=len(self.gen), grid=4)
+                    neg_mult=self.neg_mult.value, init_center=tuple(gen.mean(0).tolist()),
+                    init_spread=max(float(gen.std(0).mean()), 1e-3), snapshot_every=max(1, steps // 40),
+                    n_snapshot=len(gen), grid=4)
         self.train_button.disabled, self.status.value = True, f"training {steps} steps..."
         try:
             t0 = time.perf_counter()
@@ -443,18 +650,50 @@ class FieldExplorer:
         self.snapshot.max = self.play.max = len(self.history.snapshots) - 1
         self.snapshot.value = self.snapshot.max
         self.show_snapshot(self.snapshot.max)
-        self.status.value += f"; trained {steps} steps in {time.perf_counter() - t0:.1f} s"
+        self.status.value = (f"trained {steps} steps in {time.perf_counter() - t0:.1f} s; Play or the snapshot slider "
+                             f"walks the generated points through the run")
         return self.history
 
     def show_snapshot(self, i: int):
         "Make snapshot i of the last training run the generated points."
         if self.history is None: return
-        self.gen = self.history.snapshots[i]["samples"].clone()
-        self.picked = None
-        self.update()
+        self.gen = self.history.snapshots[i]["samples"]
+
+    def png(self, size: float = 5.5, dpi: int = 96) -> bytes:
+        "A still of the canvas (matplotlib, the arrows from `fields`): what a saved notebook keeps."
+        Vp, Vm, V = self.fields()
+        x, on, k = self.gen.numpy(), {n: c.value for n, c in self.parts.items()}, self.scale.value
+        with _DRAW:
+            f = Figure(figsize=(size, size), dpi=dpi)
+            ax = f.add_axes([0.02, 0.02, 0.96, 0.88])
+            ax.scatter(*self.data.numpy().T, s=12, c="#5b6f8f", lw=0, label="data")
+            ax.scatter(*x.T, s=14, c="#f28e1c", edgecolors="#9a4d00", linewidths=0.5, label="generated")
+            for name, v, c, w in (("V+", Vp, "#2b6cd9", 1.0), ("-V-", -Vm, "#d62828", 1.0), ("V", V, "#111111", 1.4)):
+                if on[name] and len(x): ax.plot(*_arrows_xy(x, k * v.numpy()), c=c, lw=w, label=name)
+            ax.set_xlim(-self.lim, self.lim); ax.set_ylim(-self.lim, self.lim); ax.set_aspect("equal")
+            ax.set_xticks([]); ax.set_yticks([])
+            ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=5, fontsize=8, frameon=False)
+            return _png(f)
 
     def _repr_mimebundle_(self, **kw):
-        "The widget; and a still of the canvas (`plotly_png`), which a saved notebook keeps."
+        "The widget; and a still of the canvas (`png`), which a saved notebook keeps."
         b = self.widget._repr_mimebundle_(**kw) or {}
-        b["image/png"] = base64.b64encode(plotly_png(self.fig)).decode()
+        b["image/png"] = base64.b64encode(self.png()).decode()
         return b
+
+def run_field_js(data, gen, tau: float = 0.1, normalize: str = "xy", repeat: int = 1):
+    """Run the canvas's own JavaScript field (`_FIELD_JS`) in Node.js on data [P,2] and generated points [N,2]:
+    returns V+ [N,2], V- [N,2] (as `FieldExplorer.fields`) and the milliseconds one call took (mean of `repeat`, after
+    one warm-up call). For checking the browser's arithmetic against `compute_V` without a browser."""
+    import json, shutil, subprocess
+    node = shutil.which("node") or shutil.which("nodejs")
+    if node is None: raise RuntimeError("run_field_js needs Node.js on the PATH (apt-get install nodejs)")
+    if normalize not in FieldExplorer.NORMALIZATIONS: raise ValueError(f"normalize={normalize!r} is not one of {FieldExplorer.NORMALIZATIONS}")
+    call = f'field(data, gen, {float(tau)!r}, "{normalize}")'
+    script = _FIELD_JS + f"""
+const [data, gen] = {json.dumps([_flat(data), _flat(gen)])};
+let r = {call}; const t0 = performance.now();
+for (let k = 0; k < {int(repeat)}; k++) r = {call};
+console.log(JSON.stringify({{Vp: Array.from(r.Vp), Vm: Array.from(r.Vm), ms: (performance.now() - t0) / {int(repeat)}}}));"""
+    out = json.loads(subprocess.run([node, "--input-type=module", "-e", script], capture_output=True, text=True, check=True).stdout)
+    return _points(out["Vp"]), _points(out["Vm"]), out["ms"]

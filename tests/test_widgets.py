@@ -1,7 +1,8 @@
 """The interactive layer (drifting_nb.widgets): the panel's wiring to train_toy, its frames (drawn on its own
 matplotlib Figure, never through pyplot, safe from any thread), the plotly stills a saved notebook keeps, and the
-field explorer's clicks, controls and "train from here"."""
-import io, threading
+field explorer (its points both ways between kernel and page, the page's own field against compute_V, "train from
+here")."""
+import io, shutil, threading
 
 import matplotlib
 import matplotlib.pyplot as plt
@@ -10,11 +11,10 @@ import plotly.io as pio
 import pytest
 import torch
 from PIL import Image
-from plotly.callbacks import Points
 
 from drifting_nb.drift import compute_V
 from drifting_nb.toy import TARGETS, energy_distance, toy_animation, train_toy
-from drifting_nb.widgets import INITS, FieldExplorer, SnapshotFrames, ToyPanel, plotly_png, static_plotly
+from drifting_nb.widgets import INITS, FieldExplorer, SnapshotFrames, ToyPanel, plotly_png, run_field_js, static_plotly
 
 torch.set_num_threads(1)   # small tensors: one thread is as fast, and never fights parallel test workers for cores
 SMALL = {"steps": 12, "n_pos": 32, "n_neg": 32, "hidden": 16, "snapshot_every": 3, "n_snapshot": 40, "grid": 4}
@@ -97,6 +97,9 @@ def test_plotly_stills_keep_the_figure_and_not_plotly_js():
     assert img.size == (fig.layout.width, fig.layout.height)
     a = np.asarray(img).astype(int)
     assert ((a[..., 0] > 200) & (a[..., 1] > 100) & (a[..., 1] < 180) & (a[..., 2] < 80)).sum() > 20   # orange samples
+    right = a[:, a.shape[1] // 2:]                               # the loss panel: the still is the last frame, the
+    first = np.asarray(Image.open(io.BytesIO(plotly_png(fig, frame=None))).convert("RGB")).astype(int)[:, a.shape[1] // 2:]
+    assert (right.sum(-1) < 100).sum() > (first.sum(-1) < 100).sum() + 50   # whole curve drawn, not the empty start
     before = static_plotly()
     try:
         bundle = fig._repr_mimebundle_()
@@ -105,9 +108,8 @@ def test_plotly_stills_keep_the_figure_and_not_plotly_js():
         pio.renderers.default = before
 
 
-def _click(ex, trace, i):
-    t = ex.fig.data[trace]
-    ex._click(t, Points(point_inds=[i], xs=[t.x[i]], ys=[t.y[i]], trace_name=t.name, trace_index=trace), None)
+NODE = shutil.which("node") or shutil.which("nodejs")
+needs_node = pytest.mark.skipif(NODE is None, reason="no Node.js to run the canvas's JavaScript (apt-get install nodejs)")
 
 
 def test_explorer_arrows_are_the_training_field():
@@ -118,28 +120,37 @@ def test_explorer_arrows_are_the_training_field():
     torch.testing.assert_close(V, compute_V(ex.gen, ex.data, tau=0.2, normalize="y", pos_mult=1.5, neg_mult=0.7),
                                atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(Vp - Vm, compute_V(ex.gen, ex.data, tau=0.2, normalize="y"), atol=1e-5, rtol=1e-4)
-    drawn = np.asarray(ex.fig.data[5].x, dtype=float)            # the V arrows on the canvas: start, tip, None, ...
-    np.testing.assert_allclose(drawn[1::9] - drawn[0::9], V[:, 0].numpy(), atol=1e-5)
-    before = list(ex.fig.data[5].x)
-    ex.normalize.value = "none"
-    assert list(ex.fig.data[5].x) != before
 
 
-def test_explorer_clicks_add_move_and_erase():
+@needs_node
+@pytest.mark.parametrize("normalize", ["xy", "y", "none"])
+def test_the_page_computes_compute_V(normalize):
+    "The canvas's JavaScript field, run in Node.js, is compute_V's V+ and V- at a small and a large temperature."
+    g = torch.Generator().manual_seed(3)
+    y, x = TARGETS["checkerboard"](120, g), 0.4 * torch.randn(70, 2, generator=g)
+    for tau in (0.01, 0.3):
+        jp, jm, ms = run_field_js(y, x, tau, normalize)
+        torch.testing.assert_close(jp, compute_V(x, y, tau=tau, normalize=normalize, pos_mult=1.0, neg_mult=0.0), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(jm, -compute_V(x, y, tau=tau, normalize=normalize, pos_mult=0.0, neg_mult=1.0), atol=1e-5, rtol=1e-4)
+    jp, jm, _ = run_field_js(y, x[:1], 0.1, normalize)             # one generated point: no field, no NaN
+    assert jp.abs().sum() == 0 and jm.abs().sum() == 0
+
+
+def test_explorer_points_travel_both_ways():
     ex = FieldExplorer(threads=None)
     n_data, n_gen = len(ex.data), len(ex.gen)
-    ex.mode.value = "add generated"; _click(ex, 0, 7)
-    assert len(ex.gen) == n_gen + 1 and len(ex.fig.data[2].x) == n_gen + 1
-    ex.mode.value = "erase"; _click(ex, 1, 3)
-    assert len(ex.data) == n_data - 1
-    ex.mode.value = "move"; _click(ex, 1, 0); _click(ex, 0, 0)
-    assert ex.data[0].tolist() == [-ex.lim, -ex.lim]
-    ex.mode.value = "erase"
-    t = ex.fig.data[2]
-    ex._select(t, Points(point_inds=[0, 1, 2], xs=[], ys=[], trace_name=t.name, trace_index=2), None)
-    assert len(ex.gen) == n_gen - 2
-    ex.gen = ex.gen[:1]; ex.update()                              # one generated point: no field, no crash
-    assert ex.fig.data[5].x == ()
+    assert len(ex.canvas.data) == 2 * n_data and len(ex.canvas.gen) == 2 * n_gen
+    ex.canvas.gen = ex.canvas.gen + [0.25, -0.5]                 # what the page sends after a click adds a point
+    assert len(ex.gen) == n_gen + 1 and ex.gen[-1].tolist() == [0.25, -0.5]
+    ex.data = ex.data[:10]                                       # and what Python sets, the page draws
+    assert len(ex.canvas.data) == 20
+    assert ex.canvas.modes == list(ex.MODES) and ex.canvas.normalizations == list(ex.NORMALIZATIONS)
+    ex.normalize.value = "none"
+    assert ex.canvas.normalizations[ex.normalize.index] == "none"  # the index the page links to the canvas
+    ex.gen = ex.gen[:1]                                          # one generated point: no field, no crash
+    assert all(v.abs().sum() == 0 for v in ex.fields())
+    png = Image.open(io.BytesIO(ex.png())).convert("RGB")         # the still a saved notebook keeps
+    assert png.size[0] >= 400 and "image/png" in ex._repr_mimebundle_()
 
 
 def test_explorer_trains_from_here():
@@ -150,3 +161,18 @@ def test_explorer_trains_from_here():
     assert energy_distance(ex.gen, ex.data) < start / 3
     ex.snapshot.value = 0
     torch.testing.assert_close(ex.gen, h.snapshots[0]["samples"])
+    assert len(ex.canvas.gen) == 2 * len(h.snapshots[0]["samples"])
+
+
+def test_temperatures_are_toggles_and_the_frame_tells_data_from_samples():
+    p = ToyPanel(train_fn=small_train)
+    p.taus.value = (0.5, 0.01)
+    assert p.taus.value == (0.01, 0.5) and [b.value for b in p.taus._buttons] == [True, False, False, False, False, True]
+    p.taus._buttons[2].value = True                              # a click on "0.05"
+    assert p.options()["taus"] == (0.01, 0.05, 0.5)
+    p.train()
+    a = np.asarray(Image.open(io.BytesIO(p.frames.png(-1))).convert("RGB")).astype(int)
+    assert a.shape[1] >= 800                                     # drawn large: it is shown at the output's width
+    blue = (a[..., 2] > 150) & (a[..., 0] < 100)                 # the data
+    orange = (a[..., 0] > 200) & (a[..., 1] > 100) & (a[..., 1] < 180) & (a[..., 2] < 80)   # the generated samples
+    assert blue.sum() > 30 and orange.sum() > 30
