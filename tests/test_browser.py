@@ -5,8 +5,10 @@ one view at 1100 px; on the explorer's canvas it clicks a point in, drags a poin
 normalisation and erases a point, timing each from the input event to the canvas's new picture (printed; asserted
 under 300 ms), checks the arrows against compute_V and that a drag on empty canvas changes nothing (no selection, no
 fading); it saves the notebook and checks that the save hook kept it clean; and it plays the exported HTML animation
-offline. Skipped, with the reason, where Playwright or Chromium is missing. Screenshots go to $DRIFTING_SCREENSHOTS
-(if set)."""
+offline. It opens 07_train as a reader does, runs all of it (Run > Run All Cells) within a time limit and with no
+error, and on the drift player checks the picture, scrubs its slider and measures the frames a second Play shows
+(printed, with Run All's seconds, its slowest cells and the load average). Skipped, with the reason, where Playwright
+or Chromium is missing. Screenshots go to $DRIFTING_SCREENSHOTS (if set)."""
 import copy, json, os, re, secrets, shutil, signal, socket, subprocess, sys, time, urllib.request
 from pathlib import Path
 
@@ -23,8 +25,13 @@ pytestmark = [
     pytest.mark.skipif(CHROMIUM is None, reason="no system chromium (apt-get install chromium; .ci/run installs it)"),
 ]
 NOTEBOOK = "02_interactive.ipynb"
+TRAIN_NOTEBOOK = "07_train.ipynb"
+TRAIN_RUN = Path("images") / "digits_run"        # the saved digits run 07 draws from (relative to nbs/)
+RUN_ALL_LIMIT_S = 420           # Run All of 07 is about 3 min on an idle 2-core CPU; room for a loaded CI machine
 PANEL_CELLS = ["0dd8933e", "d1319143", "9ed98ad1", "b7e1a003", "b7e1a005", "b7e1a007", "211d35aa", "63048661"]   # imports .. panel
 EXPLORER_CELLS = ["c8f20002", "c8f20003"]
+SHOWN_PANEL = ".jp-NotebookPanel:not(.lm-mod-hidden)"       # the notebook in view (not one left open in another tab)
+SHOWN = f"{SHOWN_PANEL} .jp-Notebook"
 SHOTS = Path(os.environ["DRIFTING_SCREENSHOTS"]) if os.environ.get("DRIFTING_SCREENSHOTS") else None
 
 
@@ -36,14 +43,16 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    "A JupyterLab server on loopback over a copy of the notebook (and settings.ini, so nbdev's save hook applies)."
+    """A JupyterLab server on loopback over copies of the notebooks (02, and 07 with the saved run it draws from) and
+    settings.ini, so nbdev's save hook applies."""
     root = tmp_path_factory.mktemp("lab")
     (root / "nbs").mkdir()
     news = root / ".settings" / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
     news.parent.mkdir(parents=True)
     news.write_text('{"fetchNews": "false", "checkForUpdates": false}')       # no news pop-up over the panel
     shutil.copy(ROOT / "settings.ini", root)
-    shutil.copy(ROOT / "nbs" / NOTEBOOK, root / "nbs")
+    for name in (NOTEBOOK, TRAIN_NOTEBOOK): shutil.copy(ROOT / "nbs" / name, root / "nbs")
+    shutil.copytree(ROOT / "nbs" / TRAIN_RUN, root / "nbs" / TRAIN_RUN)
     port, token = _free_port(), secrets.token_hex(16)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "JUPYTER_CONFIG_DIR": str(root / ".cfg"), "JUPYTERLAB_SETTINGS_DIR": str(root / ".settings"),
@@ -85,7 +94,7 @@ def browser():
 
 def _run_cells(page, ids, cell_ids, timeout=300_000):
     "Run the notebook's cells with these ids, one by one, waiting for each to finish."
-    cells = page.locator(".jp-Notebook .jp-Cell")
+    cells = page.locator(f"{SHOWN} .jp-Cell")
     for cid in ids:
         cell = cells.nth(cell_ids.index(cid))
         prompt = cell.locator(".jp-InputPrompt").first
@@ -100,6 +109,21 @@ def _run_cells(page, ids, cell_ids, timeout=300_000):
             except Exception:
                 if attempt == 3: raise
         page.wait_for_function("el => /\\[\\d+\\]/.test(el.textContent)", arg=prompt.element_handle(), timeout=timeout)
+
+
+def _open_notebook(page, url, token, name):
+    "Open nbs/<name> in JupyterLab and wait until its kernel is idle (choosing the kernel if JupyterLab asks)."
+    page.goto(f"{url}/lab/tree/nbs/{name}?reset&token={token}")    # reset: not the tabs an earlier test left open
+    page.wait_for_selector(f"{SHOWN} .jp-Cell", timeout=90_000)
+    choose = page.locator(".jp-Dialog").get_by_role("button", name="Select", exact=True)
+    def kernel_idle():                                # the server's word: this notebook's session has an idle kernel
+        with urllib.request.urlopen(f"{url}/api/sessions?token={token}", timeout=5) as r:
+            return any(x["path"].endswith(name) and x["kernel"]["execution_state"] == "idle" for x in json.load(r))
+    for _ in range(240):          # on a loaded machine JupyterLab may ask for the kernel late (once it knows the kernelspecs)
+        if choose.count(): choose.first.click()       # the indicator can read idle before a kernel is chosen
+        elif kernel_idle() and page.locator(f"{SHOWN_PANEL} .jp-Notebook-ExecutionIndicator[data-status='idle']").count(): break
+        page.wait_for_timeout(500)
+    else: pytest.fail(f"the kernel of {name} did not start in 120 s")
 
 
 def _tracebacks(page) -> list[str]:
@@ -125,14 +149,7 @@ def test_panel_trains_and_plays_in_jupyterlab(lab, browser):
 def _panel_and_explorer(page, url, token, root):
     original = json.loads((root / "nbs" / NOTEBOOK).read_text())
     cell_ids = [c["id"] for c in original["cells"]]
-    page.goto(f"{url}/lab/tree/nbs/{NOTEBOOK}?token={token}")
-    page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=90_000)
-    choose = page.locator(".jp-Dialog").get_by_role("button", name="Select", exact=True)
-    for _ in range(180):          # on a loaded machine JupyterLab may ask for the kernel before it knows the kernelspecs
-        if choose.count(): choose.first.click()
-        if page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").count(): break
-        page.wait_for_timeout(500)
-    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=30_000)
+    _open_notebook(page, url, token, NOTEBOOK)
     _run_cells(page, PANEL_CELLS, cell_ids)
     assert not _tracebacks(page), _tracebacks(page)
     panel = page.locator(".jp-Cell").nth(cell_ids.index(PANEL_CELLS[-1])).locator(".jp-OutputArea-output")
@@ -258,7 +275,7 @@ def _panel_and_explorer(page, url, token, root):
     assert not _tracebacks(page), _tracebacks(page)
 
     # save: nbdev's pre-save hook leaves no metadata behind
-    page.locator(".jp-Notebook").first.click()
+    page.locator(SHOWN).click()
     page.keyboard.press("Control+s")
     page.wait_for_function(f"() => !document.querySelector('.jp-mod-dirty')", timeout=20_000)
     time.sleep(1)
@@ -266,6 +283,94 @@ def _panel_and_explorer(page, url, token, root):
     assert saved["metadata"] == original["metadata"]
     assert all(c.get("execution_count") is None and c["metadata"] == {} for c in saved["cells"])
     assert [c["source"] for c in saved["cells"]] == [c["source"] for c in original["cells"]]
+
+
+def test_07_train_runs_all_and_plays_the_drift(lab, browser):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try: _train_notebook(page, *lab)
+    except Exception:
+        _shot(page, "train07_failure.png")
+        raise
+    finally: page.close()
+
+
+def _train_notebook(page, url, token, root):
+    cells = json.loads((root / "nbs" / TRAIN_NOTEBOOK).read_text())["cells"]
+    code = [c for c in cells if c["cell_type"] == "code"]
+    player_cell = next(i for i, c in enumerate(cells) if "drift_player = FramePlayer" in "".join(c["source"]))
+    _open_notebook(page, url, token, TRAIN_NOTEBOOK)
+    # Run > Run All Cells, as a reader does; the page notes when each code cell gets its execution count
+    page.evaluate("""sel => { window._dnDone = {};
+        const t0 = performance.now();
+        window._dnTimer = setInterval(() => document.querySelectorAll(sel + ' .jp-CodeCell .jp-InputPrompt')
+            .forEach((p, k) => { if (!(k in window._dnDone) && /\\[\\d+\\]/.test(p.textContent)) window._dnDone[k] = performance.now() - t0; }),
+            100); }""", SHOWN)
+    page.locator(SHOWN).click()
+    page.locator(".lm-MenuBar-item").filter(has_text=re.compile(r"^Run$")).click()
+    page.locator(".lm-Menu-item").filter(has_text=re.compile(r"^Run All Cells")).first.click()
+    t0 = time.perf_counter()
+    state = """([sel, panel]) => { const ps = [...document.querySelectorAll(sel + ' .jp-CodeCell .jp-InputPrompt')].map(p => p.textContent);
+        return {queued: ps.filter(t => t.includes('*')).length, done: Object.keys(window._dnDone).length,
+                idle: !!document.querySelector(panel + " .jp-Notebook-ExecutionIndicator[data-status='idle']")}; }"""
+    quiet = None
+    while True:             # until every code cell has run and the kernel is idle, or an error stopped Run All
+        page.wait_for_timeout(500)
+        s, seconds = page.evaluate(state, [SHOWN, SHOWN_PANEL]), time.perf_counter() - t0
+        if s["done"] == len(code) and s["idle"]: break
+        still = s["idle"] and not s["queued"]           # between two cells the kernel may be idle for a moment
+        quiet = (quiet or time.perf_counter()) if still else None
+        if still and (_tracebacks(page) or time.perf_counter() - quiet > 15): break
+        if seconds > RUN_ALL_LIMIT_S: break
+    done = {int(k): v / 1000 for k, v in page.evaluate("() => { clearInterval(window._dnTimer); return window._dnDone; }").items()}
+    ends = sorted(done.items(), key=lambda kv: kv[1])
+    took = [(k, t - (ends[j - 1][1] if j else 0.0)) for j, (k, t) in enumerate(ends)]
+    slowest = sorted(took, key=lambda kt: -kt[1])[:3]
+    print(f"\n07 Run All: {seconds:.0f} s, {len(done)} of {len(code)} code cells run (load {os.getloadavg()[0]:.1f}); slowest: "
+          + "; ".join(f"cell {code[k]['id']} ({''.join(code[k]['source']).splitlines()[0][:50]!r}) {t:.0f} s" for k, t in slowest))
+    errors = _tracebacks(page)
+    stderr = {t.strip().splitlines()[0][:120] for t in
+              page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']").all_inner_texts() if t.strip()}
+    if stderr: print("07 stderr boxes (first lines):", sorted(stderr))
+    assert not errors, f"Run All of 07 stopped on an error: {errors[0][-2000:]}"
+    assert seconds <= RUN_ALL_LIMIT_S, f"Run All of 07 still running after {seconds:.0f} s (limit {RUN_ALL_LIMIT_S} s)"
+    assert len(done) == len(code), f"Run All ran {len(done)} of {len(code)} code cells"
+
+    # the drift player: a picture, the slider scrubs it, Play flips it
+    player = page.locator(f"{SHOWN} .jp-Cell").nth(player_cell).locator(".jp-OutputArea-output")
+    image, slider, label = player.locator("img.dn-frame"), player.locator("input.dn-slider"), player.locator(".dn-label")
+    page.wait_for_function("img => img.src && img.complete && img.naturalWidth > 0", arg=image.element_handle(timeout=30_000),
+                           timeout=30_000)
+    frames = int(slider.get_attribute("max")) + 1
+    assert frames >= 3, f"the drift player has {frames} frames"
+    player.scroll_into_view_if_needed()
+    src0, label0 = image.get_attribute("src"), label.inner_text()
+    box = slider.bounding_box()
+    slider.click(position={"x": 0.7 * box["width"], "y": box["height"] / 2})      # scrub: a click along the slider
+    page.wait_for_function("([img, src]) => img.src !== src && img.complete && img.naturalWidth > 0",
+                           arg=[image.element_handle(), src0], timeout=10_000)
+    assert label.inner_text() != label0, "the slider moved the picture but not its label"
+    _shot(page, "train07_player.png")
+    shown_box, bar = image.bounding_box(), slider.bounding_box()
+    print(f"07 drift player at 1400x1000: frame {shown_box['width']:.0f} x {shown_box['height']:.0f} px, slider to frame bottom "
+          f"{shown_box['y'] + shown_box['height'] - bar['y']:.0f} px")
+    slider.focus(); page.keyboard.press("Home")                     # back to the first frame, then Play
+    page.wait_for_function("([img, src]) => img.src === src", arg=[image.element_handle(), src0], timeout=10_000)
+    image.evaluate("""img => { window._flips = [];
+        new MutationObserver(() => window._flips.push([performance.now(), img.src]))
+        .observe(img, {attributes: true, attributeFilter: ["src"]}); }""")
+    player.locator("button.dn-play").click()
+    page.wait_for_timeout(2500)                                       # a couple of seconds of Play (or all of it)
+    flips, shown = page.evaluate("window._flips"), []
+    for t, src in flips:
+        if src != (shown[-1][1] if shown else src0): shown.append((t, src))
+    if "Pause" in player.locator("button.dn-play").inner_text(): player.locator("button.dn-play").click()
+    assert len(shown) >= min(frames - 1, 4), f"Play showed {len(shown)} new frames in 2.5 s"
+    fps = (len(shown) - 1) / ((shown[-1][0] - shown[0][0]) / 1000)
+    print(f"07 drift player: {frames} frames, Play showed {len(shown)} in {(shown[-1][0] - shown[0][0]) / 1000:.1f} s: "
+          f"{fps:.1f} frames/s (interval 200 ms: 5/s; load {os.getloadavg()[0]:.1f})")
+    assert fps > 2, f"Play shows {fps:.1f} frames/s where its interval asks for 5"
+    _shot(page, "train07_played.png")
+    assert not _tracebacks(page), _tracebacks(page)
 
 
 def test_exported_animation_plays_offline(browser, tmp_path):

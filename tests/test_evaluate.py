@@ -262,6 +262,15 @@ def test_digits_scorer_real_and_noise(split, halves):
     # diversity: unseen real digits are about as spread as the reference half, and cover it
     assert 0.7 < real["spread"] < 1.3 and 0.7 < real["pixel_spread"] < 1.3 and len(real["spread_per_class"]) == 10
     assert real["precision"] > 0.7 and real["recall"] > 0.7
+    # in pixels too (issue 21): unseen reals sit near the pixel floor, noise far from it; a shrunken copy of each real
+    # digit toward its class mean keeps the classes but loses pixel spread, and the pixel distance sees it
+    assert real["pixel_fd"] < 2.5 * real["pixel_fd_floor"] and noise["pixel_fd"] > 10 * noise["pixel_fd_floor"]
+    assert 0.5 < real["pixel_spread_min"] <= real["pixel_spread"] and len(real["pixel_spread_per_class"]) == 10
+    x, y = split.x_test[gen_idx], split.y_test[gen_idx]
+    means = torch.stack([x[y == c].mean(0) for c in range(10)])
+    shrunk = scorer.score(means[y] + 0.6 * (x - means[y]), y)
+    assert shrunk["pixel_spread"] == pytest.approx(0.36 * real["pixel_spread"], rel=1e-3)
+    assert shrunk["pixel_fd"] > 2 * real["pixel_fd"] and shrunk["acc"] > 0.9
     json.dumps(real)                                                      # scores.json and metrics.jsonl take it as is
 
 
