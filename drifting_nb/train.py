@@ -481,8 +481,11 @@ def save_beside_real(model, cfg, decode, path: Path, alpha: float, device, real_
         real = decode(real_x[real_y == c][:n].to(device)).cpu()
         real = torch.cat([real, torch.ones(n - len(real), *real.shape[1:])]) if len(real) < n else real
         rows += [fake[c * n:(c + 1) * n], torch.ones(1, *fake.shape[1:]), real]
+    grid = torch.cat(rows)
+    scale = max(1, 32 // grid.shape[-1])                         # small images (8x8 digits) drawn 4x, pixels kept sharp
+    if scale > 1: grid = torch.nn.functional.interpolate(grid, scale_factor=scale, mode="nearest")
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(torch.cat(rows), str(path), nrow=2 * n + 1, padding=1)
+    save_image(grid, str(path), nrow=2 * n + 1, padding=2, pad_value=0.5)
     return path
 
 def plan_step(cfg: TrainConfig, accelerator) -> tuple[int, bool, str]:
