@@ -375,4 +375,4 @@ def main(argv=None):
 
 # %% ../nbs/10_bench.ipynb #77246044
 #| eval: false
-if __name__ == "__main__": main()
+if __name__ == "__main__" and "get_ipython" not in globals(): main()   # in a notebook kernel, also "__main__": nothing

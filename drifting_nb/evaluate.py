@@ -156,6 +156,11 @@ def _mean(r: Tensor):
     r = r[~r.isnan()]
     return float(r.mean()) if len(r) else None
 
+def _least(r: Tensor):
+    "Least finite entry of r, None when there is none."
+    r = r[~r.isnan()]
+    return float(r.min()) if len(r) else None
+
 class DigitsScorer:
     """Scores generated digits with a classifier trained on the training split (issue 6):
     `acc` (samples classified as their conditioning label), `fd` (Fréchet distance in the classifier's 64-d feature
@@ -163,8 +168,10 @@ class DigitsScorer:
     classifier's accuracy on the held-out digits), `isc` (Inception-style score of the classifier's logits, at most
     10); and their diversity (issue 14): `spread` (per class, the total variance of the samples in the feature space
     over that of the held-out digits, averaged over the classes; 1 = as varied as real digits), `spread_min` (the
-    lowest class), `spread_per_class` (one ratio per class), `pixel_spread` (`spread` in a `pca_components`-component
-    PCA of the training digits' pixels), `precision` and `recall` (k-NN manifolds, k = 3, of the features against the
+    lowest class), `spread_per_class` (one ratio per class), `pixel_spread`, `pixel_spread_min` and
+    `pixel_spread_per_class` (the same in a `pca_components`-component PCA of the training digits' pixels), `pixel_fd`
+    and `pixel_fd_floor` (`fd` and `fd_floor` in that PCA space: a distance no classifier shapes, issue 21),
+    `precision` and `recall` (k-NN manifolds, k = 3, of the features against the
     held-out digits'). Digits are [n,1,8,8] in [-1,1]."""
     def __init__(self, train_x, train_y, heldout_x, heldout_y, seed: int = 0, cache: Path | str | None = None,
                  pca_components: int = 20):
@@ -183,7 +190,10 @@ class DigitsScorer:
         self._pixel_mean = flat.mean(0)
         self._pixel_axes = torch.linalg.svd(flat - self._pixel_mean, full_matrices=False).Vh[:pca_components].T   # [64,k]
         self.real_spread = class_spread(self.heldout_feats, self.heldout_y, self.num_classes)            # [C]
-        self.real_pixel_spread = class_spread(self.pixel_pca(self.heldout_x), self.heldout_y, self.num_classes)
+        heldout_pixels = self.pixel_pca(self.heldout_x)                                           # [n,k]
+        self.real_pixel_spread = class_spread(heldout_pixels, self.heldout_y, self.num_classes)
+        self.heldout_pixel_stats = feature_stats(heldout_pixels)
+        self._train_pixels = self.pixel_pca(self.train_x)
 
     @classmethod
     def default(cls, seed: int = 0, held_out: float = 0.2, **kw):
@@ -203,16 +213,19 @@ class DigitsScorer:
         "Digits x [n,1,8,8] in the PCA space of the training digits' pixels: [n,pca_components]."
         return (_as_digits(x).flatten(1) - self._pixel_mean) @ self._pixel_axes
 
-    def fd_floor(self, n: int) -> float:
-        "FD between min(n, n_train) real training digits (a fixed random subset) and the held-out digits."
+    def fd_floor(self, n: int, space: str = "classifier") -> float:
+        """FD between min(n, n_train) real training digits (a fixed random subset) and the held-out digits, in the
+        classifier's feature space or (`space="pixel"`) the pixels' PCA space."""
         n = min(int(n), len(self._train_feats))
-        if n not in self._floors:
-            idx = torch.randperm(len(self._train_feats), generator=torch.Generator().manual_seed(self.seed))[:n]
-            self._floors[n] = frechet_distance(feature_stats(self._train_feats[idx]), self.heldout_stats)
-        return self._floors[n]
+        if (n, space) not in self._floors:
+            train, held = (self._train_feats, self.heldout_stats) if space == "classifier" else (self._train_pixels, self.heldout_pixel_stats)
+            idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed))[:n]
+            self._floors[n, space] = frechet_distance(feature_stats(train[idx]), held)
+        return self._floors[n, space]
 
     def score(self, samples, labels) -> dict:
-        """dict(acc, fd, fd_floor, real_acc, isc, spread, spread_min, spread_per_class, pixel_spread, precision, recall, n)
+        """dict(acc, fd, fd_floor, real_acc, isc, spread, spread_min, spread_per_class, pixel_spread, pixel_spread_min,
+        pixel_spread_per_class, pixel_fd, pixel_fd_floor, precision, recall, n)
         for generated digits [n,1,8,8] in [-1,1] and their labels [n]. Classes with under 2 samples have no spread
         (None in `spread_per_class`); precision and recall need more than 3 samples (else None)."""
         x = _as_digits(samples).clamp(-1, 1)
@@ -223,14 +236,18 @@ class DigitsScorer:
             raise ValueError(f"labels must lie in 0..{self.num_classes - 1}, got {int(labels.min())}..{int(labels.max())}")
         f, logits = self.features(x)
         spread = class_spread(f, labels, self.num_classes) / self.real_spread                        # [C]
-        pixel_spread = class_spread(self.pixel_pca(x), labels, self.num_classes) / self.real_pixel_spread
+        px = self.pixel_pca(x)                                                                       # [n,k]
+        pixel_spread = class_spread(px, labels, self.num_classes) / self.real_pixel_spread
         precision, recall = precision_recall(f, self.heldout_feats) if len(x) > 3 else (None, None)
         return dict(acc=float((logits.argmax(1) == labels).float().mean()),
                     fd=frechet_distance(feature_stats(f), self.heldout_stats),
                     fd_floor=self.fd_floor(len(x)), real_acc=self.real_acc, isc=inception_score(logits)[0],
-                    spread=_mean(spread), spread_min=None if spread.isnan().all() else float(spread[~spread.isnan()].min()),
+                    spread=_mean(spread), spread_min=_least(spread),
                     spread_per_class=[None if r.isnan() else round(float(r), 4) for r in spread],
-                    pixel_spread=_mean(pixel_spread), precision=precision, recall=recall, n=len(x))
+                    pixel_spread=_mean(pixel_spread), pixel_spread_min=_least(pixel_spread),
+                    pixel_spread_per_class=[None if r.isnan() else round(float(r), 4) for r in pixel_spread],
+                    pixel_fd=frechet_distance(feature_stats(px), self.heldout_pixel_stats),
+                    pixel_fd_floor=self.fd_floor(len(x), "pixel"), precision=precision, recall=recall, n=len(x))
 
 # %% ../nbs/08_evaluate.ipynb #80e812e2
 class DigitsFeatureExtractor(FeatureExtractorBase):
@@ -543,4 +560,4 @@ def main(argv=None):
 
 # %% ../nbs/08_evaluate.ipynb #e70c2b4c
 #| eval: false
-if __name__ == "__main__": main()
+if __name__ == "__main__" and "get_ipython" not in globals(): main()   # in a notebook kernel, also "__main__": nothing

@@ -174,4 +174,4 @@ def main(argv=None):
 
 # %% ../nbs/06b_latents.ipynb #b5ed1238
 #| eval: false
-if __name__ == "__main__": main()
+if __name__ == "__main__" and "get_ipython" not in globals(): main()   # in a notebook kernel, also "__main__": nothing

@@ -717,4 +717,4 @@ def micro_step(cfg, seed: int = 0, mae_arch: dict | None = None, precision: str 
 
 # %% ../nbs/09a_plan.ipynb #c9ec0ab2
 #| eval: false
-if __name__ == "__main__": main()
+if __name__ == "__main__" and "get_ipython" not in globals(): main()   # in a notebook kernel, also "__main__": nothing

@@ -50,7 +50,7 @@ def render_readme(index: str | Path = "nbs/index.ipynb", out: str | Path = "READ
 
 # %% ../nbs/99_readme.ipynb #25a3c2ce
 #| eval: false
-if __name__ == "__main__":
+if __name__ == "__main__" and "get_ipython" not in globals():   # in a notebook kernel, also "__main__": nothing
     import sys
     root = Path(__file__).resolve().parent.parent
     changed = render_readme(root / "nbs" / "index.ipynb", root / "README.md")

@@ -136,4 +136,4 @@ def main(argv=None):
 
 # %% ../nbs/08b_sample.ipynb #6717381c
 #| eval: false
-if __name__ == "__main__": main()
+if __name__ == "__main__" and "get_ipython" not in globals(): main()   # in a notebook kernel, also "__main__": nothing

@@ -41,15 +41,18 @@ def preset_config(target: str) -> ToyConfig:
 
 # %% ../nbs/11_toy_bench.ipynb #7b33ae85
 def run_benchmark(targets=("checkerboard", "swiss-roll"), threshold: float = 1.5, recipe_eval_every: int = 100,
-                  preset_eval_every: int = 50, n_eval: int = 4000, seed: int = 0, progress: bool = True) -> list[dict]:
-    "Time-to-floor records of the authors' recipe and the package preset on each target (see `time_to_floor`)."
+                  preset_eval_every: int = 50, n_eval: int = 4000, seed: int = 0, progress: bool = True,
+                  overrides: dict | None = None) -> list[dict]:
+    """Time-to-floor records of the authors' recipe and the package preset on each target (see `time_to_floor`).
+    `overrides` (ToyConfig values, e.g. dict(steps=300, n_pos=512, n_neg=512)) change both contenders alike."""
     rows = []
     for t in targets:
         if t not in TARGETS: raise ValueError(f"unknown target {t!r}; choose from {list(TARGETS)}")
         for name, cfg, every in (("authors' recipe", recipe_config(), recipe_eval_every),
                                  ("drifting_nb preset", preset_config(t), preset_eval_every)):
-            r = time_to_floor(t, cfg.update(seed=seed), every, threshold, n_eval, progress)
-            rows.append({"config": name, **r})
+            c = cfg.update(seed=seed, **(overrides or {}))
+            r = time_to_floor(t, c, every, threshold, n_eval, progress)
+            rows.append({"config": name, "points": f"{c.n_neg}+{c.n_pos}", **r})
     return rows
 
 def format_table(rows: list[dict], threshold: float = 1.5) -> str:
@@ -60,7 +63,8 @@ def format_table(rows: list[dict], threshold: float = 1.5) -> str:
     for r in rows:
         reach = "not reached" if r["time_to_floor"] is None else f"{r['time_to_floor']:.1f} s (step {r['step_to_floor']})"
         cfg = recipe_config() if r["config"] == "authors' recipe" else preset_config(r["target"])
-        lines.append(f"| {r['target']} | {r['config']} | {r['steps']} | {cfg.n_neg}+{cfg.n_pos} | {1000 * r['step_time']:.0f} | "
+        points = r.get("points", f"{cfg.n_neg}+{cfg.n_pos}")
+        lines.append(f"| {r['target']} | {r['config']} | {r['steps']} | {points} | {1000 * r['step_time']:.0f} | "
                      f"{reach} | {r['final_ratio']:.2f} | {r['train_time']:.1f} s |")
     return "\n".join(lines)
 
@@ -87,4 +91,4 @@ def main(argv=None):
 
 # %% ../nbs/11_toy_bench.ipynb #b53425e2
 #| eval: false
-if __name__ == "__main__": main()
+if __name__ == "__main__" and "get_ipython" not in globals(): main()   # in a notebook kernel, also "__main__": nothing

@@ -357,4 +357,4 @@ def main(argv=None):
 
 # %% ../nbs/04b_train_mae.ipynb #cba6d527
 #| eval: false
-if __name__ == "__main__": main()
+if __name__ == "__main__" and "get_ipython" not in globals(): main()   # in a notebook kernel, also "__main__": nothing

@@ -1,6 +1,8 @@
-"""The course as saved: figure cells carry their pictures (still PNGs, no plotly.js), notebooks are clean as nbdev's
-hooks leave them, JupyterLab's save hook cleans what JupyterLab adds, and the index's images resolve both from
-nbs/ (JupyterLab) and from the repository root (README.md). `python tools/nbfigures.py` rewrites the outputs."""
+"""The course as saved: every notebook but the index (the README's) holds the outputs of a real run, figure cells their
+pictures (still PNGs, no plotly.js), printing cells their text, with no error, no progress bar or warning (stderr) and
+nothing heavy; notebooks are clean as nbdev's hooks leave them, JupyterLab's save hook cleans what JupyterLab adds, and
+the index's images resolve both from nbs/ (JupyterLab) and from the repository root (README.md).
+`OMP_NUM_THREADS=1 python tools/nbfigures.py [nbs/NAME.ipynb ...]` rewrites the outputs."""
 import copy, json, re
 from pathlib import Path
 
@@ -9,10 +11,12 @@ from nbdev.clean import clean_jupyter, clean_nb
 
 ROOT = Path(__file__).resolve().parent.parent
 NBS = ROOT / "nbs"
-FIGURE_NOTEBOOKS = ["00_drift.ipynb", "01_toy.ipynb", "02_interactive.ipynb"]
-# a cell draws when a top-level statement calls plt.show() or a drawing helper, or it ends by displaying a figure,
-# panel or explorer (a cell that only defines a drawing function draws nothing)
-DRAWS = re.compile(r"^(.*plt\.show\(\)|show_ablation\(.*|(fig|anim|p|ex)\s*\Z)", re.M)
+NOTEBOOKS = sorted(p.name for p in NBS.glob("*.ipynb") if p.name != "index.ipynb")   # the index renders the README
+# a cell draws when a top-level statement makes a matplotlib figure or calls a drawing helper (show_ablation, plot_*),
+# or it ends by displaying a figure, panel or explorer (a cell that only defines a drawing function draws nothing)
+DRAWS = re.compile(r"^(?!def |class )(.*plt\.(show|subplots?|figure)\(|show_ablation\(|plot_\w+\(|(fig|anim|p|ex)\s*\Z)", re.M)
+PRINTS = re.compile(r"^print\(", re.M)                   # a top-level print: its text is what the prose refers to
+EXPORT = re.compile(r"^#\s*\|\s*export", re.M)              # exported code prints nothing when the notebook runs
 
 
 def _top_level(source: str) -> str:
@@ -22,23 +26,33 @@ def _top_level(source: str) -> str:
 def _nb(name): return json.loads((NBS / name).read_text())
 
 
-@pytest.mark.parametrize("name", FIGURE_NOTEBOOKS)
-def test_figure_cells_keep_their_pictures(name):
-    nb = _nb(name)
-    drawing = [c for c in nb["cells"] if c["cell_type"] == "code" and DRAWS.search(_top_level("".join(c["source"])))]
-    assert drawing, f"{name} has no figure cells"
+def _code(name): return [c for c in _nb(name)["cells"] if c["cell_type"] == "code"]
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_saved_with_the_outputs_of_a_run(name):
+    "Figure cells keep their pictures and printing cells their text: the course reads without running anything."
+    cells = _code(name)
+    assert any(c.get("outputs") for c in cells), \
+        f"{name} is saved without any output: run `OMP_NUM_THREADS=1 python tools/nbfigures.py nbs/{name}`"
+    drawing = [c for c in cells if DRAWS.search(_top_level("".join(c["source"])))]
     bare = [c["id"] for c in drawing if not any("image/png" in o.get("data", {}) for o in c.get("outputs", []))]
     assert not bare, f"{name}: figure cells {bare} have no saved picture: run `python tools/nbfigures.py nbs/{name}`"
+    printing = [c for c in cells if PRINTS.search(_top_level("".join(c["source"]))) and not EXPORT.search("".join(c["source"]))]
+    mute = [c["id"] for c in printing if not any(o.get("name") == "stdout" for o in c.get("outputs", []))]
+    assert not mute, f"{name}: cells {mute} print but were saved without their text: run `python tools/nbfigures.py nbs/{name}`"
 
 
-@pytest.mark.parametrize("name", FIGURE_NOTEBOOKS)
+@pytest.mark.parametrize("name", NOTEBOOKS)
 def test_saved_outputs_are_light(name):
-    for c in _nb(name)["cells"]:
+    "No error, no progress bar or warning (stderr), no plotly.js or widget state, no output over 1 MB."
+    for c in _code(name):
         for o in c.get("outputs", []):
             data = o.get("data", {})
+            assert o.get("output_type") != "error", f"{name} {c['id']} was saved with an error: {o.get('ename')}"
+            assert o.get("name") != "stderr", f"{name} {c['id']} was saved with stderr (a progress bar or warning)"
             assert not any("plotly" in k or "widget-view" in k for k in data), f"{name} {c['id']}: {list(data)}"
             assert len(json.dumps(o)) < 1_000_000, f"{name} {c['id']}: an output of {len(json.dumps(o)) / 1e6:.1f} MB"
-            assert o.get("output_type") != "error", f"{name} {c['id']} was saved with an error"
     assert (NBS / name).stat().st_size < 4_000_000
 
 
