@@ -137,13 +137,18 @@ def _shot(page, name):
         page.screenshot(path=str(SHOTS / name))
 
 
-def test_panel_trains_and_plays_in_jupyterlab(lab, browser):
+def _in_a_page(browser, lab, body, failure_shot: str):
+    "Run body(page, url, token, root) in a fresh page; a screenshot named `failure_shot` when it fails."
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    try: _panel_and_explorer(page, *lab)
+    try: body(page, *lab)
     except Exception:
-        _shot(page, "failure.png")
+        _shot(page, failure_shot)
         raise
     finally: page.close()
+
+
+def test_panel_trains_and_plays_in_jupyterlab(lab, browser):
+    _in_a_page(browser, lab, _panel_and_explorer, "failure.png")
 
 
 def _panel_and_explorer(page, url, token, root):
@@ -286,12 +291,7 @@ def _panel_and_explorer(page, url, token, root):
 
 
 def test_07_train_runs_all_and_plays_the_drift(lab, browser):
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    try: _train_notebook(page, *lab)
-    except Exception:
-        _shot(page, "train07_failure.png")
-        raise
-    finally: page.close()
+    _in_a_page(browser, lab, _train_notebook, "train07_failure.png")
 
 
 def _train_notebook(page, url, token, root):
