@@ -161,6 +161,10 @@ def _least(r: Tensor):
     r = r[~r.isnan()]
     return float(r.min()) if len(r) else None
 
+def _per_class(r: Tensor) -> list:
+    "One rounded ratio per class, None for a class with no value."
+    return [None if v.isnan() else round(float(v), 4) for v in r]
+
 class DigitsScorer:
     """Scores generated digits with a classifier trained on the training split (issue 6):
     `acc` (samples classified as their conditioning label), `fd` (Fréchet distance in the classifier's 64-d feature
@@ -243,9 +247,9 @@ class DigitsScorer:
                     fd=frechet_distance(feature_stats(f), self.heldout_stats),
                     fd_floor=self.fd_floor(len(x)), real_acc=self.real_acc, isc=inception_score(logits)[0],
                     spread=_mean(spread), spread_min=_least(spread),
-                    spread_per_class=[None if r.isnan() else round(float(r), 4) for r in spread],
+                    spread_per_class=_per_class(spread),
                     pixel_spread=_mean(pixel_spread), pixel_spread_min=_least(pixel_spread),
-                    pixel_spread_per_class=[None if r.isnan() else round(float(r), 4) for r in pixel_spread],
+                    pixel_spread_per_class=_per_class(pixel_spread),
                     pixel_fd=frechet_distance(feature_stats(px), self.heldout_pixel_stats),
                     pixel_fd_floor=self.fd_floor(len(x), "pixel"), precision=precision, recall=recall, n=len(x))
 

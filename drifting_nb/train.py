@@ -388,7 +388,6 @@ def pretrain_encoder(cfg: TrainConfig, accelerator, stop: StopSignal | None = No
         env = {k: v for k, v in os.environ.items()                    # a plain single process, not part of this launch
                if not k.startswith(("ACCELERATE_", "LOCAL_", "GROUP_", "ROLE_", "TORCHELASTIC_"))
                and k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
-        if "IPython" in sys.modules: env["TQDM_DISABLE"] = "1"   # a child's text bar would show as a notebook's error box
         print(f"pretraining the feature encoder: {' '.join(cmd[1:])}", flush=True)
         child = start_child(cmd, env, stop)                            # dies with this process, even on kill -9
         def poll():                  # a child the stop signal ended before its handler was in place: stopped, not failed
