@@ -9,7 +9,7 @@ offline. It opens 07_train as a reader does, runs all of it (Run > Run All Cells
 error, and on the drift player checks the picture, scrubs its slider and measures the frames a second Play shows
 (printed, with Run All's seconds, its slowest cells and the load average). Skipped, with the reason, where Playwright
 or Chromium is missing. Screenshots go to $DRIFTING_SCREENSHOTS (if set)."""
-import copy, json, os, re, secrets, shutil, signal, socket, subprocess, sys, time, urllib.request
+import json, os, re, secrets, shutil, signal, socket, subprocess, sys, time, urllib.request
 from pathlib import Path
 
 import pytest
